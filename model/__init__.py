@@ -1,0 +1,1 @@
+"""tritongpt.model."""
