@@ -19,6 +19,10 @@ from tritongpt.errors import TritonGPTError
 # subcommand -> module holding HELP, add_arguments, run
 COMMANDS = {
     "kernels": "tritongpt.kernels.cli",
+    "prepare": "tritongpt.data.cli",
+    "train": "tritongpt.train.cli",
+    "sample": "tritongpt.train.sample",
+    "bench": "tritongpt.bench.cli",
 }
 
 

@@ -99,10 +99,10 @@ def mlp_shapes(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     """Checks GELU-MLP inputs, weights in nn.Linear layout (out, in). Returns (M, C, Hid):
     rows (all leading dims), model width, hidden width."""
     require(approximate in GELU_FORMS, f"mlp: approximate must be one of {GELU_FORMS}, got {approximate!r}")
-    require(x.dim() >= 1, f"mlp: x must have at least one dim, got {_describe(x)}")
+    require(x.dim() >= 1 and x.shape[-1] >= 1, f"mlp: x must have a last dim >= 1, got {_describe(x)}")
     same_kind("mlp", "x", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
     c = x.shape[-1]
-    require(w1.dim() == 2 and w1.shape[1] == c,
+    require(w1.dim() == 2 and w1.shape[1] == c and w1.shape[0] >= 1,
             f"mlp: w1 must be (hidden, {c}) in nn.Linear layout, got {tuple(w1.shape)}")
     hid = w1.shape[0]
     require(w2.dim() == 2 and tuple(w2.shape) == (c, hid),

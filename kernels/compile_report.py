@@ -94,12 +94,15 @@ def variants() -> list[KernelVariant]:
     return [v for provider in _PROVIDERS for v in provider()]
 
 
-def _ptxas_path() -> str:
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself assembles `arch` with (its PTX .version matches that one)."""
+    from triton.backends.nvidia import compiler as nvidia
     try:
-        return triton.knobs.nvidia.ptxas.path  # Triton >= 3.4
+        return nvidia.get_ptxas(arch).path  # Triton >= 3.5: a newer ptxas for sm_90+
+    except TypeError:
+        return nvidia.get_ptxas().path  # one ptxas for every arch
     except AttributeError:
-        from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas().path
+        return triton.knobs.nvidia.ptxas.path
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int | None, int | None]:
@@ -108,7 +111,7 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int | None, int | None]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "k.ptx")
         src.write_text(ptx)
-        out = subprocess.run([_ptxas_path(), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp, "k.o"))],
+        out = subprocess.run([_ptxas_path(arch), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp, "k.o"))],
                              capture_output=True, text=True)
     log = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", log)
@@ -132,7 +135,9 @@ def compile_variant(variant: KernelVariant, arch: int) -> CompileRow:
     shared = compiled.metadata.shared
     tensor_cores = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.", ptx) else "")
     row = CompileRow(name, variant.config, True, regs, shared, spills, tensor_cores)
-    if shared > SHARED_LIMIT[arch]:
+    if regs is None:
+        row.ok, row.error = False, "ptxas -v reported no register count"
+    elif shared > SHARED_LIMIT[arch]:
         row.ok, row.error = False, f"shared memory {shared} B > sm_{arch} limit {SHARED_LIMIT[arch]} B"
     elif spills:
         row.ok, row.error = False, f"{spills} bytes of register spills"

@@ -1,0 +1,121 @@
+"""`tritongpt bench`: kernel and training-step benchmarks.
+
+    tritongpt bench all                           # every kernel sweep + the GPT-2 step, bf16, on the GPU
+    tritongpt bench attention --dtype fp16        # one op: attention, layer_norm or mlp
+    tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
+    tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
+    python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
+
+Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (a
+header object and the rows), .csv (the same rows) and one PNG per op when matplotlib is
+installed. On a CPU the times are CPU times, and Triton kernels (interpreter) are only checked
+for correctness. Exits 1 when a row is flagged (error above tolerance, losses disagree).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from tritongpt.errors import TritonGPTError
+
+HELP = "benchmark attention / layer_norm / mlp backends and GPT training steps"
+TARGETS = ("attention", "layer_norm", "mlp", "step", "all")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# step defaults: (full, --quick)
+STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 3)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", choices=TARGETS, help="what to benchmark")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, short timings and the tiny preset: for the CPU and CI")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"directory for the JSON / CSV / PNG files (default {DEFAULT_OUT})")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out torch.compile providers and combinations (slow to compile on a CPU)")
+    parser.add_argument("--preset", default=None, help="step: model preset (default gpt2; --quick: tiny)")
+    parser.add_argument("--batch-size", type=int, default=None, help="step: batch size (default 16; --quick: 2)")
+    parser.add_argument("--seq-len", type=int, default=None, help="step: sequence length (default 1024; --quick: 32)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="step: timed training steps after one warm-up step (default 10; --quick: 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Fill the defaults that depend on the device and --quick; raise on bad input."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TritonGPTError("--device cuda: no CUDA device is available")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    for name, (full, quick) in STEP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise TritonGPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise TritonGPTError(f"--out {args.out} exists and is not a directory")
+    if args.target in ("step", "all"):
+        from tritongpt.bench.step import check_preset
+        check_preset(args.preset)
+    return device, DTYPES[args.dtype]
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run, defaults made explicit."""
+    parts = ["tritongpt bench", args.target, f"--dtype {args.dtype}", f"--device {args.device or 'auto'}",
+             f"--seed {args.seed}"]
+    parts += ["--quick"] * args.quick + ["--no-compile"] * (not args.compile)
+    if args.target in ("step", "all"):
+        parts += [f"--preset {args.preset}", f"--batch-size {args.batch_size}", f"--seq-len {args.seq_len}",
+                  f"--steps {args.steps}"]
+    return " ".join(parts)
+
+
+def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Run the benchmarks `args` ask for; returns (header, rows)."""
+    from tritongpt.bench import kernels, report, step
+    from tritongpt.kernels import registry
+    device, dtype = _resolve(args)
+    log = report.log
+    timer = kernels.Timer(device, args.quick)
+    if device.type == "cpu":
+        log("running on the CPU: times are CPU times" + ("" if args.quick else " (without --quick this takes long)"))
+    log(f"measuring ceilings on {report.device_name(device)} ...")
+    ceiling = kernels.ceilings(device, dtype, timer)
+    rows, skipped = [], []
+    for op in kernels.OPS if args.target == "all" else [t for t in (args.target,) if t in kernels.OPS]:
+        op_rows, op_skipped = kernels.run_op(op, device=device, dtype=dtype, quick=args.quick, timer=timer,
+                                             ceiling=ceiling, compile=args.compile, seed=args.seed, log=log)
+        rows += op_rows
+        skipped += op_skipped
+    if args.target in ("step", "all"):
+        rows += step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
+                              dtype=dtype, steps=args.steps, warmup=1, ceiling=ceiling, compile=args.compile,
+                              seed=args.seed, log=log)
+    head = report.header(device, dtype, quick=args.quick, command=_command(args), timer=timer.description,
+                         ceilings=ceiling, skipped=skipped, ref_dtype=kernels.reference_dtype(dtype, device),
+                         interpreter=registry.interpreting())
+    return head, rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from tritongpt.bench import report
+    from tritongpt.bench.kernels import FLAG
+    from tritongpt.bench.step import LOSS_FLAG
+    head, rows = collect(args)
+    print(report.format_table(head, rows))
+    for path in report.write(args.out, head, rows):
+        print(f"wrote {path}")
+    flagged = [r for r in rows if FLAG in r["note"] or LOSS_FLAG in r["note"]]
+    for r in flagged:
+        print(f"FLAGGED: {r['op']} {r['provider']} {r['mode']} {r['shape']}: {r['note']}")
+    return 1 if flagged else 0

@@ -1,0 +1,314 @@
+"""Benchmark results: one row schema for kernel and training-step rows, the run's header
+(device, versions, date, ceilings), the stdout table, and the files under OUT:
+
+    OUT/<device>_<date>.json        {"header": {...}, "rows": [...]}
+    OUT/<device>_<date>.csv         the same rows, after `# key: value` header lines
+    OUT/<device>_<date>_<op>.png    throughput vs size per provider (needs matplotlib)
+
+A second run on the same device and day gets `_2`, `_3`, ... rather than replacing files.
+Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+# The columns of every row, kernel and step alike (a step row uses what applies to it).
+COLUMNS = (
+    "op",  # attention, layer_norm, mlp, or step
+    "provider",  # backend or peer name; for step rows the backend combination
+    "mode",  # fwd, bwd, fwd+bwd; "train" for step rows
+    "series",  # rows of one plot line: everything but the swept size
+    "shape",  # the case, e.g. "B=32 T=512 H=32 D=64 causal" or "gpt2 B=16 T=1024"
+    "size",  # the swept size (plots' x axis): T, N, C, or the step's sequence length
+    "dtype",
+    "ms",  # median milliseconds per call (per training step for step rows)
+    "tflops",  # TFLOP/s (attention, mlp, step)
+    "gbps",  # GB/s (layer_norm)
+    "pct_peak",  # percent of the measured ceiling (copy GB/s or matmul TFLOP/s); MFU for step rows
+    "speedup",  # BASELINE's ms / this ms, same case and mode (step: vs eager+sdpa)
+    "err_out",  # max relative error of the output vs the float32/float64 reference
+    "err_grad",  # max relative error over the input gradients
+    "peak_mem_mb",  # MiB allocated at the peak above the inputs (step: whole training step); CUDA only
+    "tokens_per_s",  # step rows
+    "loss",  # step rows: loss of the first step (same seed and batch for every combination)
+    "backends",  # step rows: the backend each op resolved to
+    "note",  # why a value is missing, correctness-only rows, flags
+)
+NUMERIC = {"size", "ms", "tflops", "gbps", "pct_peak", "speedup", "err_out", "err_grad", "peak_mem_mb",
+           "tokens_per_s", "loss"}
+
+
+def blank_row(**values) -> dict:
+    """A row with every column, None where not given."""
+    unknown = set(values) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"not bench columns: {sorted(unknown)}")
+    row = dict.fromkeys(COLUMNS)
+    row.update(values)
+    if row["note"] is None:
+        row["note"] = ""
+    return row
+
+
+def describe_error(exc: BaseException) -> str:
+    """One short line for a row's note: the exception type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:160]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def header(device: torch.device, dtype: torch.dtype, *, quick: bool, command: str, timer: str,
+           ceilings: dict, skipped: list[dict], ref_dtype: torch.dtype, interpreter: bool) -> dict:
+    """The run's header: what ran where, when, with which software, against which ceilings."""
+    import triton
+    return {
+        "tool": "tritongpt bench",
+        "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu_times": device.type != "cuda",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "reference_dtype": str(ref_dtype).removeprefix("torch."),
+        "quick": quick,
+        "timer": timer,
+        "interpreter": interpreter,
+        "ceilings": ceilings,
+        "skipped": skipped,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# stdout
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def header_lines(head: dict) -> list[str]:
+    lines = [f"tritongpt bench on {head['device']} | torch {head['torch']} | triton {head['triton']} | "
+             f"{head['date']} | {head['dtype']}{' | quick' if head['quick'] else ''}",
+             f"timer: {head['timer']}"]
+    c = head.get("ceilings") or {}
+    if c:
+        lines.append(f"ceilings: copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.2f} TFLOP/s ({c['matmul']})")
+    if head.get("interpreter"):
+        lines.append("TRITON_INTERPRET=1: Triton backends are checked for correctness, never timed")
+    return lines
+
+
+def format_table(head: dict, rows: list[dict]) -> str:
+    """The rows as text tables, one per op, after the header lines and with the skipped peers."""
+    out = header_lines(head)
+    kernel_cols = ("shape", "provider", "mode", "ms", "tflops", "gbps", "pct_peak", "speedup",
+                   "err_out", "err_grad", "peak_mem_mb", "note")
+    step_cols = ("shape", "provider", "ms", "tokens_per_s", "tflops", "pct_peak", "speedup", "loss",
+                 "peak_mem_mb", "backends", "note")
+    titles = {"tflops": "TFLOP/s", "gbps": "GB/s", "pct_peak": "%peak", "peak_mem_mb": "mem MiB",
+              "tokens_per_s": "tok/s", "err_out": "err out", "err_grad": "err grad"}
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        cols = step_cols if op == "step" else kernel_cols
+        if op == "step":
+            cols = tuple(c for c in cols if c != "pct_peak") + ("pct_peak",)
+            titles_here = {**titles, "pct_peak": "MFU %", "ms": "ms/step"}
+        else:
+            used = {c for c in ("tflops", "gbps") if any(r[c] is not None for r in mine)}
+            cols = tuple(c for c in cols if c not in {"tflops", "gbps"} - used)
+            titles_here = titles
+        cells = [[titles_here.get(c, c) for c in cols]]
+        cells += [[_fmt(r[c], 1 if c == "tokens_per_s" else 3) for c in cols] for r in mine]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]
+        out += ["", f"== {op} =="]
+        for row in cells:
+            out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        for s in head.get("skipped", []):
+            if s["op"] == op:
+                out.append(f"skipped {s['provider']}: {s['reason']}")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "device"
+
+
+def stem(out_dir: Path, head: dict) -> str:
+    """`<device>_<date>`, with `_2`, `_3`, ... when that run's files already exist."""
+    base = f"{slug(head['device'])}_{head['date'][:10]}"
+    name, n = base, 1
+    while any(out_dir.glob(f"{glob_escape(name)}.*")) or any(out_dir.glob(f"{glob_escape(name)}_*.png")):
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def to_json(head: dict, rows: list[dict]) -> str:
+    clean = [{k: _json_value(v) for k, v in r.items()} for r in rows]
+    return json.dumps({"header": head, "rows": clean}, indent=1, allow_nan=False) + "\n"
+
+
+def to_csv(head: dict, rows: list[dict]) -> str:
+    buf = io.StringIO()
+    for key in ("tool", "command", "date", "device", "torch", "triton", "dtype", "timer"):
+        buf.write(f"# {key}: {head[key]}\n")
+    c = head.get("ceilings") or {}
+    if c:
+        buf.write(f"# ceilings: copy_gbps={c['copy_gbps']:.6g} matmul_tflops={c['matmul_tflops']:.6g} ({c['matmul']})\n")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if _json_value(v) is None else repr(v) if isinstance(v, float) else v)
+                         for k, v in r.items()})
+    return buf.getvalue()
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV written by `write`, numbers parsed back (empty cells: None)."""
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    rows = []
+    for r in csv.DictReader(lines):
+        rows.append({k: (None if v == "" and k != "note" else float(v) if k in NUMERIC else v) for k, v in r.items()})
+    return rows
+
+
+def write(out_dir: Path, head: dict, rows: list[dict]) -> list[Path]:
+    """JSON, CSV and (with matplotlib) PNG plots of one run under `out_dir`; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = stem(out_dir, head)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
+    _write_atomic(paths[0], to_json(head, rows).encode())
+    _write_atomic(paths[1], to_csv(head, rows).encode())
+    return paths + plot(out_dir, name, head, rows)
+
+
+def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
+    """One PNG per op: throughput vs size, a line per provider, a panel per (series, mode); for
+    step rows a bar chart of tokens/s per combination. Nothing without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    title = f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | {head['dtype']}"
+    if head.get("cpu_times"):
+        title += " | CPU times"
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        if op == "step":
+            fig = _plot_step(plt, mine)
+        else:
+            fig = _plot_kernel(plt, op, mine)
+        if fig is None:
+            continue
+        fig.suptitle(f"{op}\n{title}", fontsize=9)
+        path = out_dir / f"{name}_{op}.png"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        _write_atomic(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+def _plot_kernel(plt, op: str, rows: list[dict]):
+    unit = "tflops" if any(r["tflops"] is not None for r in rows) else "gbps"
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(len(series), len(modes), figsize=(4.5 * len(modes), 3.2 * len(series)),
+                             squeeze=False)
+    for i, s in enumerate(series):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            here = [r for r in rows if r["series"] == s and r["mode"] == mode]
+            for provider in dict.fromkeys(r["provider"] for r in here):
+                points = sorted((r["size"], r[unit]) for r in here if r["provider"] == provider and r[unit] is not None)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{s} {mode}", fontsize=9)
+            ax.set_xlabel({"attention": "T", "layer_norm": "N", "mlp": "C"}.get(op, "size"))
+            ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_step(plt, rows: list[dict]):
+    timed = [r for r in rows if r["tokens_per_s"] is not None]
+    if not timed:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 * len(timed) + 3, 3.5))
+    ax.bar([r["provider"] for r in timed], [r["tokens_per_s"] for r in timed])
+    ax.set_ylabel("tokens/s")
+    ax.set_title(timed[0]["shape"], fontsize=9)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def log(message: str) -> None:
+    """Progress line on stderr."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,193 @@
+"""Training-step benchmark: one GPT training step (forward, backward, AdamW) for combinations
+of backends, each from the same seed on the same batch.
+
+    tritongpt bench step                                   # GPT-2 124M, B=16, T=1024, bf16 autocast
+    tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
+    tritongpt bench step --quick                           # the tiny preset, CPU-sized
+
+Combinations: torch eager + SDPA (the baseline), torch.compile + SDPA, and for every other
+backend name registered for the ops (e.g. `triton`): all ops on it, all ops on it compiled, and
+each op alone on it (the others at the baseline). Each row gives ms/step, tokens/s, MFU
+(model.flops_per_token against the matmul ceiling measured in the same run), peak memory and
+the loss after the same number of steps; losses that disagree with the baseline's are flagged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import tritongpt.kernels  # noqa: F401  (registers every backend)
+from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, _free, _needs_triton
+from tritongpt.bench.report import blank_row, describe_error
+from tritongpt.errors import TritonGPTError
+from tritongpt.kernels import registry
+
+BASELINE = "eager+sdpa"
+LOSS_FLAG = "LOSS DISAGREES"
+# Relative loss difference from the baseline allowed after the same steps, by compute dtype.
+LOSS_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1
+
+
+@dataclass(frozen=True)
+class Combo:
+    name: str
+    backends: tuple[tuple[str, str], ...]  # (op, backend name) for every op
+    compiled: bool
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{registry.OP_FLAGS[op]}={name}" for op, name in self.backends)
+
+
+def combos(compile: bool = True) -> list[Combo]:
+    """The combinations to run: the eager and compiled baseline (SDPA attention, torch norm and
+    MLP), then for each other registered backend name: all ops on it (eager, compiled) and each
+    op alone on it."""
+    base = {op: "torch" for op in OPS}
+    if "sdpa" in registry.backends("attention"):
+        base["attention"] = "sdpa"
+    found = [Combo(BASELINE, tuple(base.items()), False)]
+    if compile:
+        found.append(Combo("compile+sdpa", tuple(base.items()), True))
+    names = sorted({n for op in OPS for n in registry.backends(op)} - {"torch", "sdpa"})
+    for name in names:
+        ops_with = [op for op in OPS if name in registry.backends(op)]
+        if len(ops_with) == len(OPS):
+            every = tuple((op, name) for op in OPS)
+            found.append(Combo(name, every, False))
+            if compile:
+                found.append(Combo(f"{name}+compile", every, True))
+        for op in ops_with:
+            found.append(Combo(f"{registry.OP_FLAGS[op]}={name}", tuple({**base, op: name}.items()), False))
+    return found
+
+
+def check_preset(preset: str) -> None:
+    """Raise TritonGPTError for an unknown preset, before anything runs."""
+    from tritongpt.model import PRESETS
+    if preset not in PRESETS:
+        raise TritonGPTError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
+
+
+def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+             steps: int, warmup: int, ceiling: dict, compile: bool = True, seed: int = 0,
+             log: Callable[[str], None] = lambda message: None) -> list[dict]:
+    """One row per combination (see `combos`). Every combination starts from the same seed and
+    trains `warmup + steps` steps on the same batch; the last `steps` are timed."""
+    from tritongpt.model import GPTConfig
+    check_preset(preset)
+    block = max(seq_len, GPTConfig.from_preset(preset).block_size)
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, GPTConfig.from_preset(preset).real_vocab_size, (batch_size, seq_len + 1), generator=gen)
+    batch = seq[:, :-1].to(device), seq[:, 1:].to(device)
+    rows = []
+    for i, combo in enumerate(combos(compile)):
+        log(f"[step {i + 1}/{len(combos(compile))}] {combo.name}: {combo.label}")
+        rows.append(_run_combo(combo, preset=preset, block=block, batch=batch, device=device, dtype=dtype,
+                               steps=steps, warmup=warmup, ceiling=ceiling, seed=seed, log=log))
+        _free(device)
+        if combo.compiled:
+            torch._dynamo.reset()
+    _compare(rows, loss_tolerance(dtype, device))
+    return rows
+
+
+def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative loss difference allowed: LOSS_TOL, or 1e-4 for fp32 on the CPU (no tf32 dots)."""
+    return 1e-4 if dtype == torch.float32 and device.type == "cpu" else LOSS_TOL[dtype]
+
+
+def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor],
+               device: torch.device, dtype: torch.dtype, steps: int, warmup: int, ceiling: dict, seed: int,
+               log: Callable[[str], None]) -> dict:
+    from tritongpt.model import GPT, GPTConfig
+    b, t = batch[0].shape
+    row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
+                    size=t, dtype=str(dtype).removeprefix("torch."), backends=combo.label)
+    triton_ops = [op for op, name in combo.backends if _needs_triton(op, name)]
+    if triton_ops and not registry.triton_usable(device):
+        row["note"] = "needs a CUDA device (or TRITON_INTERPRET=1)"
+    elif triton_ops and registry.interpreting():
+        row["note"] = ("skipped: torch.compile around interpreted Triton kernels" if combo.compiled
+                       else INTERPRETER_NOTE)
+    if row["note"] and row["note"] != INTERPRETER_NOTE:
+        log(f"  {row['note']}")
+        return row
+    timed = row["note"] != INTERPRETER_NOTE  # torch-only combinations are timed on the CPU too
+    try:
+        torch.manual_seed(seed)
+        config = GPTConfig.from_preset(preset, block_size=block, dropout=0.0,
+                                       **{registry.OP_FLAGS[op]: name for op, name in combo.backends})
+        model = GPT(config).to(device)
+        row["backends"] = " ".join(f"{registry.OP_FLAGS[op]}={n}" for op, n in model.backend_names().items())
+        optimizer = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
+        forward = torch.compile(model) if combo.compiled else model
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                    else contextlib.nullcontext())
+
+        def train_step() -> torch.Tensor:
+            with autocast:
+                _, loss = forward(*batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            train_step()
+        times, loss = [], None
+        for _ in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            loss = train_step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        row["loss"] = loss.item()
+        if device.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if timed:
+            ms = statistics.median(times) * 1e3
+            tokens_per_s = b * t / (ms * 1e-3)
+            tflops = model.flops_per_token(t) * tokens_per_s / 1e12
+            row.update(ms=ms, tokens_per_s=tokens_per_s, tflops=tflops,
+                       pct_peak=100 * tflops / ceiling["matmul_tflops"])
+            log(f"  {ms:.2f} ms/step, {tokens_per_s:.0f} tokens/s, loss {row['loss']:.4f}")
+        else:
+            log(f"  {row['note']}: loss {row['loss']:.4f}")
+    except Exception as exc:  # unsupported combination, out of memory: a row that says so
+        row["note"] = describe_error(exc)
+        log(f"  failed: {row['note']}")
+    return row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compare(rows: list[dict], tol: float) -> None:
+    """Speedups over the baseline, and a flag on losses further than `tol` (relative) from its."""
+    base = next((r for r in rows if r["provider"] == BASELINE), None)
+    if base is None or base["loss"] is None:
+        return
+    for row in rows:
+        if base["ms"] and row["ms"]:
+            row["speedup"] = base["ms"] / row["ms"]
+        if row["loss"] is None:
+            continue
+        diff = abs(row["loss"] - base["loss"]) / abs(base["loss"])
+        if not math.isfinite(row["loss"]) or diff > tol:
+            flag = f"{LOSS_FLAG} with {BASELINE} ({row['loss']:.5g} vs {base['loss']:.5g})"
+            row["note"] = "; ".join(n for n in (row["note"], flag) if n)
+            if not math.isfinite(row["loss"]):
+                row["loss"] = None

@@ -1,0 +1,563 @@
+"""LayerNorm in Triton: forward, backward, and the fused pre-LN residual add.
+
+    y = (s - mean(s)) * rstd * weight + bias,  rstd = 1 / sqrt(var(s) + eps),  over the last dim,
+
+where s = x, or s = x + residual for the fused variant (which also returns s, the residual stream
+of a pre-LN block). Statistics are fp32 whatever the input dtype (fp32, fp16, bf16).
+
+Layout of this file (Liger-Kernel ladder):
+  1. `@triton.jit` kernels: one program per row (forward), one program per fixed group of rows
+     (backward, writing per-program partial dweight/dbias rows), and a column-block reduction of
+     those partials. Summation orders depend only on the shapes, so gradients are bitwise
+     reproducible run to run.
+  2. launchers `layer_norm_fwd` / `layer_norm_bwd`: validate, allocate, pick the block config
+     from N (`row_config`), launch. Rows up to MAX_BLOCK_N wide are held in registers in one pass;
+     wider rows loop over chunks of MAX_BLOCK_N (statistics pass, then normalize pass).
+  3. torch.library custom ops `tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd` with fake
+     implementations and autograd, so torch.compile(fullgraph=True) traces through them.
+  4. the public functional `layer_norm`, registered as the `triton` backend of op `layer_norm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt.kernels import checks, compile_report, registry
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Triton kernels
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) input rows, row stride stride_x_row, unit column stride
+    R,  # (M, N) residual rows added to X before normalizing (read only if HAS_RESIDUAL)
+    W,  # (N,) weight (read only if HAS_WEIGHT)
+    B,  # (N,) bias (read only if HAS_BIAS)
+    Y,  # (M, N) contiguous output LN(s)
+    S,  # (M, N) contiguous output s = X + R (written only if HAS_RESIDUAL)
+    MEAN,  # (M,) fp32 output: mean of each row of s
+    RSTD,  # (M,) fp32 output: 1 / sqrt(var + eps) of each row of s
+    stride_x_row,  # elements between rows of X
+    stride_r_row,  # elements between rows of R
+    N,  # row length
+    eps,  # added to the variance
+    HAS_RESIDUAL: tl.constexpr,  # normalize s = X + R and store s to S
+    HAS_WEIGHT: tl.constexpr,  # scale by W
+    HAS_BIAS: tl.constexpr,  # shift by B
+    BLOCK_N: tl.constexpr,  # columns per chunk (power of 2)
+    ONE_PASS: tl.constexpr,  # N <= BLOCK_N: the whole row stays in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_off = row * stride_x_row
+    r_off = row * stride_r_row
+    out_off = row * N  # Y and S are contiguous
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        s = _load_row_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+        mean = tl.sum(s, axis=0) / N
+        centered = tl.where(mask, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+        _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    else:
+        # statistics pass: combine per-chunk (mean, sum of squared deviations) as in Chan et al.'s
+        # parallel variance, which stays accurate where sum(s^2) - N mean^2 would not
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            s = _load_row_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+            seen = tl.cast(start, tl.float32)  # elements already folded into (mean, m2)
+            count = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)
+            chunk_mean = tl.sum(s, axis=0) / count
+            centered = tl.where(mask, s - chunk_mean, 0.0)
+            delta = chunk_mean - mean
+            mean += delta * count / (seen + count)
+            m2 += tl.sum(centered * centered, axis=0) + delta * delta * seen * count / (seen + count)
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        # normalize pass: re-read s (this program wrote S itself; each thread reads back the
+        # addresses it stored, as both use the same pointer layout)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = cols < N
+            if HAS_RESIDUAL:
+                s = tl.load(S + out_off + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
+            centered = tl.where(mask, s - mean, 0.0)
+            _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, HAS_WEIGHT, HAS_BIAS)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _load_row_chunk(
+    X,  # input rows
+    R,  # residual rows (read only if HAS_RESIDUAL)
+    S,  # output s rows (written only if HAS_RESIDUAL)
+    x_off,  # offset of this row in X
+    r_off,  # offset of this row in R
+    s_off,  # offset of this row in S
+    cols,  # column indices of this chunk
+    mask,  # cols < N
+    HAS_RESIDUAL: tl.constexpr,  # add R and store the sum to S
+):
+    """One chunk of s as fp32; with a residual, s = x + r is rounded to the storage dtype (and
+    stored), so the statistics describe exactly the s that is returned."""
+    s = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + r_off + cols, mask=mask, other=0.0).to(tl.float32)
+        s_stored = s.to(S.dtype.element_ty)
+        tl.store(S + s_off + cols, s_stored, mask=mask)
+        s = s_stored.to(tl.float32)
+    return s
+
+
+@triton.jit
+def _normalize_store_chunk(
+    centered,  # fp32 chunk of s - mean, zero where masked
+    rstd,  # fp32 scalar
+    W,  # (N,) weight (read only if HAS_WEIGHT)
+    B,  # (N,) bias (read only if HAS_BIAS)
+    y_row,  # pointer to the row of Y
+    cols,  # column indices of this chunk
+    mask,  # cols < N
+    HAS_WEIGHT: tl.constexpr,  # scale by W
+    HAS_BIAS: tl.constexpr,  # shift by B
+):
+    y = centered * rstd
+    if HAS_WEIGHT:
+        y *= tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # (M, N) gradient of Y, row stride stride_dy_row
+    DS,  # (M, N) gradient flowing into the S output (read only if HAS_DS)
+    S,  # (M, N) the normalized input s saved by the forward, row stride stride_s_row
+    W,  # (N,) weight (read only if HAS_WEIGHT)
+    MEAN,  # (M,) fp32 row means from the forward
+    RSTD,  # (M,) fp32 row 1/std from the forward
+    DX,  # (M, N) contiguous output: gradient of s (and so of x and of the residual)
+    DW_PARTIAL,  # (programs, N) fp32 output: this program's sum of dy * xhat (if HAS_WEIGHT)
+    DB_PARTIAL,  # (programs, N) fp32 output: this program's sum of dy (if HAS_DB)
+    stride_dy_row,  # elements between rows of DY
+    stride_ds_row,  # elements between rows of DS
+    stride_s_row,  # elements between rows of S
+    M,  # number of rows
+    N,  # row length
+    rows_per_program,  # this program handles rows [pid * rows_per_program, + rows_per_program)
+    HAS_DS: tl.constexpr,  # add DS to the input gradient
+    HAS_WEIGHT: tl.constexpr,  # scale by W, and accumulate partial dweight
+    HAS_DB: tl.constexpr,  # accumulate partial dbias
+    BLOCK_N: tl.constexpr,  # columns per chunk (power of 2)
+    ONE_PASS: tl.constexpr,  # N <= BLOCK_N: partial sums stay in registers
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    partial_off = pid * N
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r in range(row_start, row_end):
+            mean = tl.load(MEAN + r)
+            rstd = tl.load(RSTD + r)
+            dy, xhat, g = _bwd_load_chunk(DY + r * stride_dy_row, S + r * stride_s_row, W,
+                                          cols, mask, mean, rstd, HAS_WEIGHT)
+            c1 = tl.sum(xhat * g, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            _bwd_store_dx_chunk(g, xhat, c1, c2, rstd, DS, r * stride_ds_row, DX + r * N, cols, mask, HAS_DS)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if HAS_WEIGHT:
+            tl.store(DW_PARTIAL + partial_off + cols, dw_acc, mask=mask)
+        if HAS_DB:
+            tl.store(DB_PARTIAL + partial_off + cols, db_acc, mask=mask)
+    else:
+        for r in range(row_start, row_end):
+            mean = tl.load(MEAN + r)
+            rstd = tl.load(RSTD + r)
+            dy_row = DY + r * stride_dy_row
+            s_row = S + r * stride_s_row
+            # pass 1: the row sums c1 = mean(xhat * g), c2 = mean(g), g = dy * w
+            c1 = 0.0
+            c2 = 0.0
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                dy, xhat, g = _bwd_load_chunk(dy_row, s_row, W, cols, mask, mean, rstd, HAS_WEIGHT)
+                c1 += tl.sum(xhat * g, axis=0)
+                c2 += tl.sum(g, axis=0)
+            c1 = c1 / N
+            c2 = c2 / N
+            n_read_back = tl.where(r > row_start, N, 0)  # columns of partial sums so far (none at first)
+            # pass 2: dx, and the partial sums accumulated in this program's own rows of
+            # DW_PARTIAL / DB_PARTIAL, started by its first row (each thread reads back the
+            # addresses it stored itself: load and store use the same pointer layout)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                dy, xhat, g = _bwd_load_chunk(dy_row, s_row, W, cols, mask, mean, rstd, HAS_WEIGHT)
+                _bwd_store_dx_chunk(g, xhat, c1, c2, rstd, DS, r * stride_ds_row, DX + r * N, cols, mask, HAS_DS)
+                sum_mask = cols < n_read_back
+                if HAS_WEIGHT:
+                    dw = tl.load(DW_PARTIAL + partial_off + cols, mask=sum_mask, other=0.0) + dy * xhat
+                    tl.store(DW_PARTIAL + partial_off + cols, dw, mask=mask)
+                if HAS_DB:
+                    db = tl.load(DB_PARTIAL + partial_off + cols, mask=sum_mask, other=0.0) + dy
+                    tl.store(DB_PARTIAL + partial_off + cols, db, mask=mask)
+
+
+@triton.jit
+def _bwd_load_chunk(
+    dy_row,  # pointer to the row of DY
+    s_row,  # pointer to the row of S
+    W,  # (N,) weight (read only if HAS_WEIGHT)
+    cols,  # column indices of this chunk
+    mask,  # cols < N
+    mean,  # fp32 row mean
+    rstd,  # fp32 row 1/std
+    HAS_WEIGHT: tl.constexpr,  # g = dy * w, else g = dy
+):
+    """(dy, xhat, g = dy * w) for one chunk, fp32, all zero where masked."""
+    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+    g = dy
+    if HAS_WEIGHT:
+        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    return dy, xhat, g
+
+
+@triton.jit
+def _bwd_store_dx_chunk(
+    g,  # fp32 chunk of dy * w
+    xhat,  # fp32 chunk of (s - mean) * rstd
+    c1,  # fp32 row mean of xhat * g
+    c2,  # fp32 row mean of g
+    rstd,  # fp32 row 1/std
+    DS,  # gradient of the S output (read only if HAS_DS)
+    ds_off,  # offset of this row in DS
+    dx_row,  # pointer to the row of DX
+    cols,  # column indices of this chunk
+    mask,  # cols < N
+    HAS_DS: tl.constexpr,  # add the gradient that reached the S output
+):
+    dx = (g - (xhat * c1 + c2)) * rstd
+    if HAS_DS:
+        dx += tl.load(DS + ds_off + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_row + cols, dx.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_reduce_kernel(
+    DW_PARTIAL,  # (P, N) fp32 per-program partial dweight (read only if HAS_DW)
+    DB_PARTIAL,  # (P, N) fp32 per-program partial dbias (read only if HAS_DB)
+    DW,  # (N,) output dweight in the weight's dtype (if HAS_DW)
+    DB,  # (N,) output dbias in the bias's dtype (if HAS_DB)
+    P,  # number of partial rows
+    N,  # row length
+    HAS_DW: tl.constexpr,  # reduce DW_PARTIAL into DW
+    HAS_DB: tl.constexpr,  # reduce DB_PARTIAL into DB
+    BLOCK_P: tl.constexpr,  # partial rows per step (power of 2)
+    BLOCK_N: tl.constexpr,  # columns per program (power of 2)
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw_acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        offs = rows[:, None].to(tl.int64) * N + cols[None, :]
+        mask = (rows[:, None] < P) & col_mask[None, :]
+        if HAS_DW:
+            dw_acc += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
+        if HAS_DB:
+            db_acc += tl.load(DB_PARTIAL + offs, mask=mask, other=0.0)
+    if HAS_DW:
+        tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_DB:
+        tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Launchers: validate, allocate, pick the config, launch. No autograd.
+
+MAX_BLOCK_N = 4096  # widest row held in registers in one pass; wider rows loop over chunks this wide
+MIN_BLOCK_N = 256  # narrower rows share one config (masked lanes cost nothing that matters)
+REDUCE_BLOCK_P, REDUCE_BLOCK_N, REDUCE_WARPS = 16, 128, 4
+BWD_PROGRAMS_PER_SM = 4  # backward programs per SM (fixed per device: fixed summation order)
+INTERPRETER_BWD_PROGRAMS = 4  # the interpreter runs programs one after another
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    block_n: int  # columns per chunk
+    num_warps: int
+    one_pass: bool  # the whole row fits one chunk
+
+
+def row_config(n: int) -> RowConfig:
+    """The block config the launchers use for rows of length n (also what the compile report
+    compiles, via `row_configs`)."""
+    block_n = min(max(triton.next_power_of_2(n), MIN_BLOCK_N), MAX_BLOCK_N)
+    num_warps = min(max(block_n // 256, 4), 16)  # backward: <= 8 row elements per thread per tensor
+    return RowConfig(block_n, num_warps, n <= block_n)
+
+
+def row_configs() -> list[RowConfig]:
+    """Every distinct config `row_config` can return."""
+    widths = [MIN_BLOCK_N << k for k in range((MAX_BLOCK_N // MIN_BLOCK_N).bit_length())]
+    return [row_config(n) for n in widths + [MAX_BLOCK_N + 1]]
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t as (M, n) rows. A view when the leading dims flatten without a copy (e.g. contiguous, or
+    a slice along dim 0); otherwise `reshape` copies. The last dim already has unit stride."""
+    return t.reshape(-1, n)
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> int:
+    n = checks.layer_norm_shapes(x, weight, bias, residual)
+    checks.triton_device("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
+    return n
+
+
+def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
+               dtype: torch.dtype) -> None:
+    checks.require(tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == like.device
+                   and t.is_contiguous(),
+                   f"layer_norm: out {name} must be a contiguous {tuple(shape)} {dtype} tensor on "
+                   f"{like.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   residual: torch.Tensor | None, eps: float,
+                   out: tuple[torch.Tensor, ...] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, mean, rstd): y = LN(s) shaped like x; s = x + residual (an empty tensor when
+    residual is None); mean and rstd are fp32 (M,) with M = x.numel() // N. `out` optionally
+    supplies those four tensors preallocated (tests poison them)."""
+    n = _check_inputs(x, weight, bias, residual)
+    checks.require(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    if out is None:
+        y = x.new_empty(x.shape)
+        s = x.new_empty(x.shape if residual is not None else (0,))
+        mean = x.new_empty((m,), dtype=torch.float32)
+        rstd = x.new_empty((m,), dtype=torch.float32)
+    else:
+        y, s, mean, rstd = out
+        for name, t, shape, dtype in (("y", y, x.shape, x.dtype),
+                                      ("s", s, x.shape if residual is not None else (0,), x.dtype),
+                                      ("mean", mean, (m,), torch.float32),
+                                      ("rstd", rstd, (m,), torch.float32)):
+            _check_out(name, t, shape, x, dtype)
+    if m == 0:
+        return y, s, mean, rstd
+    r2 = _rows(residual, n) if residual is not None else None
+    cfg = row_config(n)
+    _layer_norm_fwd_kernel[(m,)](
+        x2, r2, weight, bias, y, s if residual is not None else None, mean, rstd,
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, n, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
+    return y, s, mean, rstd
+
+
+def _bwd_programs(m: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return min(m, BWD_PROGRAMS_PER_SM * sms)
+    return min(m, INTERPRETER_BWD_PROGRAMS)
+
+
+def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
+                   weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+                   out: tuple[torch.Tensor, ...] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) from the gradient dy of y and ds of the s output (None: no s output),
+    the normalized input s (x, or x + residual) and the forward's mean/rstd. dweight is an
+    empty tensor when weight is None, dbias when has_bias is False. dx is also the residual's
+    gradient. Reductions over rows are deterministic (fixed per-program groups, fixed order)."""
+    n = _check_inputs(s, weight, None, None)
+    checks.same_kind("layer_norm", "s", s, dy=dy, ds=ds)
+    checks.triton_device("layer_norm", dy=dy, ds=ds)
+    for name, t in (("dy", dy), ("ds", ds)):
+        checks.require(t is None or t.shape == s.shape,
+                       f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} != input shape {tuple(s.shape)}")
+    s2, dy2 = _rows(s, n), _rows(dy, n)
+    m = s2.shape[0]
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        checks.require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
+                       f"layer_norm: {name} must be fp32 ({m},) on {s.device}, got {tuple(t.shape)} {t.dtype}")
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    dw_shape = (n,) if weight is not None else (0,)
+    db_shape = (n,) if has_bias else (0,)
+    if out is None:
+        dx = s.new_empty(s.shape)
+        dw = s.new_empty(dw_shape, dtype=param_dtype)
+        db = s.new_empty(db_shape, dtype=param_dtype)
+    else:
+        dx, dw, db = out
+        for name, t, shape in (("dx", dx, s.shape), ("dweight", dw, dw_shape), ("dbias", db, db_shape)):
+            _check_out(name, t, shape, s, param_dtype)
+    has_dw = weight is not None
+    if m == 0:
+        dw.zero_()
+        db.zero_()
+        return dx, dw, db
+    ds2 = _rows(ds, n) if ds is not None else None
+    programs = _bwd_programs(m, s.device)
+    rows_per_program = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_program)
+    dw_partial = s.new_empty((programs, n), dtype=torch.float32) if has_dw else None
+    db_partial = s.new_empty((programs, n), dtype=torch.float32) if has_bias else None
+    cfg = row_config(n)
+    _layer_norm_bwd_kernel[(programs,)](
+        dy2, ds2, s2, weight, mean, rstd, dx, dw_partial, db_partial,
+        dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0), m, n, rows_per_program,
+        HAS_DS=ds is not None, HAS_WEIGHT=has_dw, HAS_DB=has_bias,
+        BLOCK_N=cfg.block_n, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
+    if has_dw or has_bias:
+        _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+            dw_partial, db_partial, dw if has_dw else None, db if has_bias else None, programs, n,
+            HAS_DW=has_dw, HAS_DB=has_bias, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N,
+            num_warps=REDUCE_WARPS)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Custom ops (opaque to torch.compile, with fake implementations) and their autograd
+
+
+@torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_fwd(x, weight, bias, residual, eps)
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps):
+    n = _check_inputs(x, weight, bias, residual)
+    m = x.numel() // n
+    return (x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,)),
+            x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32))
+
+
+@torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
+                       weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                       has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layer_norm_bwd(dy, ds, s, weight, mean, rstd, has_bias)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, ds, s, weight, mean, rstd, has_bias):
+    n = s.shape[-1]
+    param_dtype = weight.dtype if weight is not None else s.dtype
+    return (s.new_empty(s.shape), s.new_empty((n,) if weight is not None else (0,), dtype=param_dtype),
+            s.new_empty((n,) if has_bias else (0,), dtype=param_dtype))
+
+
+def _unit_stride(grad: torch.Tensor) -> torch.Tensor:
+    """grad, copied to unit last-dim stride when it has none (e.g. the expanded grad of a .sum())."""
+    return grad if grad.stride(-1) == 1 else grad.clone(memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    y, s, mean, rstd = output
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.has_weight = weight is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dy = _unit_stride(dy)
+    ds = _unit_stride(ds) if ctx.has_residual else None
+    dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy, ds, s, weight, mean, rstd, ctx.has_bias)
+    return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None,
+            dx if ctx.has_residual else None, None)
+
+
+_layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Public functional, the `triton` backend of op `layer_norm`
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5, residual: torch.Tensor | None = None):
+    """LayerNorm over the last dim (see `kernels/reference.py`, whose signature this follows).
+    With `residual`, returns (LN(x + residual), x + residual) from one kernel pass.
+    x: any leading shape, last dim N with unit stride; leading dims are flattened with
+    `reshape` (a copy only when they cannot be viewed as rows)."""
+    y, s, _, _ = torch.ops.tritongpt.layer_norm_fwd(x, weight, bias, residual, eps)
+    return y if residual is None else (y, s)
+
+
+registry.register("layer_norm", "triton", layer_norm, needs_triton=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile report: every (dtype, row config) the launchers can pick, all features on (the most
+# registers), plus the dweight/dbias reduction.
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@compile_report.register_variants
+def _variants():
+    for dtype, ptr in _PTR.items():
+        label = str(dtype).removeprefix("torch.")
+        for cfg in row_configs():
+            shape = f"BLOCK_N={cfg.block_n} {'one-pass' if cfg.one_pass else 'chunked'} w{cfg.num_warps}"
+            yield compile_report.KernelVariant(
+                _layer_norm_fwd_kernel, f"{label} {shape} residual+weight+bias",
+                {"X": ptr, "R": ptr, "W": ptr, "B": ptr, "Y": ptr, "S": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
+                 "stride_x_row": "i32", "stride_r_row": "i32", "N": "i32", "eps": "fp32",
+                 "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
+                 "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
+                {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                 "BLOCK_N": cfg.block_n, "ONE_PASS": cfg.one_pass},
+                num_warps=cfg.num_warps, num_stages=1, aligned=("X", "R", "W", "B", "Y", "S"))
+            yield compile_report.KernelVariant(
+                _layer_norm_bwd_kernel, f"{label} {shape} ds+weight+bias",
+                {"DY": ptr, "DS": ptr, "S": ptr, "W": ptr, "MEAN": "*fp32", "RSTD": "*fp32", "DX": ptr,
+                 "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                 "stride_dy_row": "i32", "stride_ds_row": "i32", "stride_s_row": "i32",
+                 "M": "i32", "N": "i32", "rows_per_program": "i32",
+                 "HAS_DS": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_DB": "constexpr",
+                 "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
+                {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_DB": True,
+                 "BLOCK_N": cfg.block_n, "ONE_PASS": cfg.one_pass},
+                num_warps=cfg.num_warps, num_stages=1,
+                aligned=("DY", "DS", "S", "W", "DX", "DW_PARTIAL", "DB_PARTIAL"))
+        yield compile_report.KernelVariant(
+            _layer_norm_bwd_reduce_kernel,
+            f"{label} BLOCK_P={REDUCE_BLOCK_P} BLOCK_N={REDUCE_BLOCK_N} w{REDUCE_WARPS} dw+db",
+            {"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": ptr, "DB": ptr, "P": "i32", "N": "i32",
+             "HAS_DW": "constexpr", "HAS_DB": "constexpr", "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"},
+            {"HAS_DW": True, "HAS_DB": True, "BLOCK_P": REDUCE_BLOCK_P, "BLOCK_N": REDUCE_BLOCK_N},
+            num_warps=REDUCE_WARPS, num_stages=1, aligned=("DW_PARTIAL", "DB_PARTIAL", "DW", "DB"))

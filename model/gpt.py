@@ -1,0 +1,259 @@
+"""The GPT: GPT-2's architecture (nanoGPT-style, GPT-2 parameter names) whose attention,
+LayerNorm and MLP come from the backend registry.
+
+    from tritongpt.model import GPT, GPTConfig
+    model = GPT(GPTConfig.from_preset("tiny", attention="sdpa"))
+    logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
+    out = model.eval().generate(idx, 50, temperature=0.8, top_k=200)
+    model.backend_names()                         # {"attention": "sdpa", "layer_norm": ..., "mlp": ...}
+
+Shapes: B batch, T sequence, C n_embd, V real_vocab_size (padding rows excluded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tritongpt.errors import TritonGPTError
+from tritongpt.kernels import registry
+from tritongpt.model.config import GPTConfig
+from tritongpt.model.layers import (Block, LayerNorm, compute_dtype, init_weights, residual_std, rope_angles,
+                                    sinusoidal_table)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for generation: (n_layer, B, block_size, Hkv, D)
+    each (grouped-query: only the Hkv key/value heads are stored), filled up to `length`."""
+
+    def __init__(self, config: GPTConfig, batch: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layer, batch, config.block_size, config.kv_heads, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions held
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding (V_padded, C)
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=LayerNorm(config),
+        )
+        if config.pos_embedding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.transformer = nn.ModuleDict(modules)
+        if config.pos_embedding == "sinusoidal":  # fixed, so a buffer derived from the config
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std(config.n_layer))
+
+    # ---- backends -------------------------------------------------------------------------
+
+    def set_backends(self, attention: str | None = None, norm: str | None = None, mlp: str | None = None,
+                     backend: str | None = None) -> None:
+        """Re-resolve the ops of every module. A None argument keeps the current choice; "auto"
+        returns an op to the registry chain. Raises (changing nothing) on an unknown or
+        unusable backend. The choices are recorded in self.config."""
+        changes = {k: v for k, v in dict(attention=attention, norm=norm, mlp=mlp, backend=backend).items() if v is not None}
+        config = dataclasses.replace(self.config, **changes)
+        for op in registry.OP_FLAGS:
+            registry.choose(op, getattr(config, registry.OP_FLAGS[op]), config.backend)
+        for module in self.modules():
+            if hasattr(module, "resolve_op"):
+                module.resolve_op(config)
+        self.config = config
+
+    def backend_names(self) -> dict[str, str]:
+        """op -> the backend its modules use, e.g. {"attention": "triton", "layer_norm": "torch", "mlp": "triton"}."""
+        block = self.transformer.h[0]
+        return {"attention": block.attn.backend, "layer_norm": self.transformer.ln_f.backend, "mlp": block.mlp.backend}
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids; targets (B, T) next-token ids, -1 = ignored; doc_ids (B, T) ints:
+        attention stays within a document (packed sequences). With targets: logits (B, T, V) and
+        the mean fp32 cross-entropy loss; without: logits of the last position only (B, 1, V), None.
+        V = real_vocab_size: padding rows of the embedding are never predicted."""
+        self._check_ids(idx, "idx")
+        if targets is not None:
+            self._check_ids(targets, "targets")
+            if targets.shape != idx.shape:
+                raise TritonGPTError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        x = self.hidden_states(idx, doc_ids=doc_ids)  # (B, T, C)
+        if targets is None:
+            return self.logits(x[:, [-1], :]), None
+        logits = self.logits(x)
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, label_smoothing=self.config.label_smoothing)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """The final LayerNorm's output (B, T, C) for idx (B, T). With a cache, idx continues the
+        cache.length positions already held (written into the cache; the caller advances length)."""
+        b, t = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + t > self.config.block_size:
+            raise TritonGPTError(f"sequence of {start + t} positions exceeds block_size {self.config.block_size}")
+        positions = torch.arange(start, start + t, device=idx.device)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        elif self.config.pos_embedding == "sinusoidal":
+            x = x + self.pos_table[start:start + t].to(x.dtype)
+        else:
+            rope = rope_angles(positions, self.config.head_dim, self.config.rope_base)
+        hidden, residual = self.transformer.drop(x), None
+        for i, block in enumerate(self.transformer.h):
+            kv_cache = None if cache is None else (cache.k[i], cache.v[i], start)
+            hidden, residual = block(hidden, residual, rope, doc_ids, kv_cache)
+        x, _ = self.transformer.ln_f(hidden, residual)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head over the real vocabulary: (..., C) -> (..., real_vocab_size)."""
+        return self.lm_head(x)[..., :self.config.real_vocab_size]
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TritonGPTError(f"{name} must be a (batch, seq) integer tensor, got "
+                                 f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        if ids.size(1) > self.config.block_size:
+            raise TritonGPTError(f"{name} has {ids.size(1)} positions, more than block_size {self.config.block_size}")
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, each tied weight once. As in nanoGPT, the learned position embedding
+        (wpe) is left out by default; the token embedding stays in, since it doubles as lm_head."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token, PaLM appendix B / nanoGPT style:
+        6 N for the weight matmuls (N = num_params()) plus 12 * n_layer * n_embd * S for
+        attention's q k^T and (probs) v, S = keys each query sees: seq_len (default block_size),
+        capped by the sliding window. Masked-out (causal) keys are counted, as in PaLM."""
+        keys = seq_len or self.config.block_size
+        if self.config.window is not None:
+            keys = min(keys, self.config.window)
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * keys
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float],
+                            device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (params with >= 2 dims) only, not
+        on biases and LayerNorm gains; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx (B, T) followed by up to max_new_tokens sampled tokens: (B, T + n). See
+        generate_stream for the arguments; fewer than max_new_tokens only when every row hit eos_id."""
+        steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator))
+        return torch.cat([idx] + [tok[:, None] for tok in steps], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of each row, a (B,) int64 tensor, max_new_tokens times.
+
+        Sampling: logits / temperature (temperature 0: greedy argmax), then only the top_k most
+        likely tokens and/or the smallest set reaching probability top_p; `generator` seeds the
+        draws. Padding ids (>= real_vocab_size) are never produced. With eos_id a row that
+        produced it keeps yielding eos_id, and the stream ends once every row has.
+
+        Uses a KV cache: one prefill of the prompt, then one position per step. The model sees
+        at most block_size positions: a longer prompt is cropped to its last block_size tokens,
+        and when the cache is full the context restarts from the last block_size // 2 tokens
+        (one recomputed prefill), so generation can run past block_size. Call model.eval() first
+        (dropout is not switched off here)."""
+        self._check_ids(idx[:, -self.config.block_size:], "idx")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_id, self.config.real_vocab_size)
+        block_size = self.config.block_size
+        cache = KVCache(self.config, idx.size(0), idx.device, compute_dtype(self.lm_head.weight))
+        tokens = idx
+        logits = self._extend(tokens[:, -block_size:], cache)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            yield next_token
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if cache.length == block_size:  # no room for another position: restart the context
+                cache.length = 0
+                logits = self._extend(tokens[:, -max(1, block_size // 2):], cache)
+            else:
+                logits = self._extend(next_token[:, None], cache)
+
+    def _extend(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run idx (B, T) after the cached positions; fp32 logits of the last position (B, V)."""
+        x = self.hidden_states(idx, cache=cache)
+        cache.length += idx.size(1)
+        return self.logits(x[:, -1, :]).float()
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                    eos_id: int | None, vocab: int) -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise TritonGPTError(f"generate: {message}")
+
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    require(temperature >= 0 and math.isfinite(temperature), f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), f"top_k must be None or an int >= 1, got {top_k!r}")
+    require(top_p is None or 0.0 < top_p <= 1.0, f"top_p must be None or in (0, 1], got {top_p!r}")
+    require(eos_id is None or 0 <= eos_id < vocab, f"eos_id must be a token id in [0, {vocab}), got {eos_id!r}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k tokens and then to the smallest
+    most-likely set whose probability reaches top_p. Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

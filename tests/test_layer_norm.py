@@ -1,0 +1,321 @@
+"""Triton LayerNorm (kernels/layer_norm.py) against the PyTorch reference run in float64.
+
+    python -m pytest -q tests/test_layer_norm.py            # CPU: Triton interpreter, fp32/fp16
+    python -m pytest -q -m slow tests/test_layer_norm.py    # + the 65536-wide rows
+    python -m pytest -q -m gpu tests/test_layer_norm.py     # GPU: bf16, M=16384 rows
+
+Kernel tests go through the launchers with NaN-poisoned preallocated outputs (`out=`), so an
+element a kernel forgets to write fails the comparison; autograd tests go through the public
+functional (the torch.library custom ops).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import assert_rel_close, poison, rel_err, tol
+
+from tritongpt.errors import TritonGPTError
+from tritongpt.kernels import layer_norm as ln
+from tritongpt.kernels import reference, registry
+
+EPS = 1e-5
+
+
+def make_inputs(lead, n, dtype, device, weight=True, bias=True, residual=False, seed=0):
+    """Fresh random x (off-center, so centering matters), weight, bias, residual, and upstream
+    grads dy (of y) and ds (of the s output, with a residual)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    shape = (*lead, n)
+    return dict(
+        x=rand(*shape, scale=2.0, shift=0.5),
+        weight=rand(n, scale=0.5, shift=1.0) if weight else None,
+        bias=rand(n) if bias else None,
+        residual=rand(*shape) if residual else None,
+        dy=rand(*shape),
+        ds=rand(*shape) if residual else None,
+    )
+
+
+def float64_reference(x, weight, bias, residual, dy, ds, eps=EPS):
+    """(y, s, mean, rstd, dx, dweight, dbias) from kernels.reference.layer_norm in float64;
+    s is x + residual (or x); dx is also the residual's gradient."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None
+              for t in (x, weight, bias, residual)]
+    x64, w64, b64, r64 = leaves
+    out = reference.layer_norm(x64, w64, b64, eps, r64)
+    y, s = out if r64 is not None else (out, x64)
+    outputs, grads = [y], [dy.double()]
+    if r64 is not None:
+        outputs.append(s)
+        grads.append(ds.double())
+    inputs = [t for t in leaves if t is not None]
+    dx, *rest = torch.autograd.grad(outputs, inputs, grads)
+    dw = rest.pop(0) if w64 is not None else None
+    db = rest.pop(0) if b64 is not None else None
+    s = s.detach()
+    mean = s.mean(-1).flatten()
+    rstd = (s.var(-1, unbiased=False) + eps).rsqrt().flatten()
+    return y.detach(), s, mean, rstd, dx, dw, db
+
+
+def run_launchers(x, weight, bias, residual, dy, ds, eps=EPS):
+    """Forward and backward launchers writing into NaN-poisoned preallocated outputs."""
+    n = x.shape[-1]
+    m = x.numel() // n
+    f32 = dict(device=x.device, dtype=torch.float32)
+    fwd_out = (poison(torch.empty_like(x)),
+               poison(torch.empty_like(x)) if residual is not None else x.new_empty(0),
+               poison(torch.empty(m, **f32)), poison(torch.empty(m, **f32)))
+    y, s, mean, rstd = ln.layer_norm_fwd(x, weight, bias, residual, eps, out=fwd_out)
+    assert all(a is b for a, b in zip((y, s, mean, rstd), fwd_out))
+    saved = s if residual is not None else x
+    bwd_out = (poison(torch.empty_like(x)),
+               poison(torch.empty(n, dtype=x.dtype, device=x.device)) if weight is not None else x.new_empty(0),
+               poison(torch.empty(n, dtype=x.dtype, device=x.device)) if bias is not None else x.new_empty(0))
+    dx, dw, db = ln.layer_norm_bwd(dy, ds, saved, weight, mean, rstd, bias is not None, out=bwd_out)
+    assert all(a is b for a, b in zip((dx, dw, db), bwd_out))
+    return y, s, mean, rstd, dx, dw, db
+
+
+def check_all(ours, expected, dtype, n, ds=None):
+    """Every output within the dtype's tolerance of float64 (`ds`: the upstream grad of the s
+    output, None without a residual). Row means are judged relative to the largest |s| (a mean
+    near 0 still carries the rounding of its summands)."""
+    names = ("y", "s", "mean", "rstd", "dx", "dweight", "dbias")
+    s_max = expected[1].abs().max()
+    for name, a, e in zip(names, ours, expected):
+        if e is None or (name == "s" and ds is None):
+            continue
+        if n == 1 and name in ("dx", "dweight"):
+            # a single element is its own mean: xhat = 0 exactly, so LayerNorm passes no gradient
+            # and dx is just ds (float64 PyTorch leaves ~1e-13 of rounding, which no relative
+            # test survives)
+            exact = ds if name == "dx" and ds is not None else torch.zeros_like(a)
+            assert torch.equal(a, exact), f"{name} for N=1 must be exactly {exact}, got {a}"
+        elif name == "mean":
+            err = ((a.double() - e).abs().max() / s_max).item() if torch.isfinite(a).all() else float("inf")
+            assert err <= tol(dtype), f"mean: error {err:.3g} of max |s| > {tol(dtype)}"
+        else:
+            assert_rel_close(a, e.reshape(a.shape), tol(dtype), name)
+
+
+WIDTHS = [1, 7, 768, 1000, 4099]  # 4099: two chunks, the second 3 wide
+
+
+@pytest.mark.parametrize("n,rows,dtype", [(n, rows, torch.float32) for n in WIDTHS for rows in (1, 3, 37)]
+                         + [(n, 3, torch.float16) for n in WIDTHS] + [(1000, 37, torch.float16)])
+def test_kernels_match_float64(n, rows, dtype, device):
+    """Weight, bias and residual all present (every load and store of both kernels in use).
+    Every width with 1, 3 and 37 rows in fp32 (37 rows: several per backward program); fp16
+    adds its rounding on every width."""
+    inp = make_inputs((rows,), n, dtype, device, residual=True, seed=n * 100 + rows)
+    ours = run_launchers(**inp)
+    check_all(ours, float64_reference(**inp), dtype, n, inp["ds"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("weight,bias,residual", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False),
+    (False, False, True), (True, False, True)])
+def test_optional_weight_bias_residual(weight, bias, residual, dtype, device):
+    inp = make_inputs((2, 5), 300, dtype, device, weight, bias, residual, seed=7)
+    ours = run_launchers(**inp)
+    check_all(ours, float64_reference(**inp), dtype, 300, inp["ds"])
+
+
+def test_eps_is_used(device):
+    """Rows with a variance near eps: ignoring or misplacing eps changes y by far more than tol."""
+    inp = make_inputs((4,), 100, torch.float32, device, seed=3)
+    inp["x"] = 3.0 + 1e-2 * inp["x"]  # variance ~ 4e-4
+    ours = run_launchers(**inp, eps=1e-3)
+    check_all(ours, float64_reference(**inp, eps=1e-3), torch.float32, 100)
+
+
+def test_chunked_rows_wider_than_one_block(device):
+    """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass); 9
+    rows over the backward's programs make each program sum several rows' partials."""
+    n = 2 * ln.MAX_BLOCK_N + 5
+    assert not ln.row_config(n).one_pass
+    inp = make_inputs((9,), n, torch.float32, device, residual=True, seed=11)
+    check_all(run_launchers(**inp), float64_reference(**inp), torch.float32, n, inp["ds"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rows_of_65536(dtype, device):
+    inp = make_inputs((3,), 65536, dtype, device, residual=True, seed=12)
+    check_all(run_launchers(**inp), float64_reference(**inp), dtype, 65536, inp["ds"])
+
+
+def test_row_configs_cover_every_width():
+    """`row_configs` (what the compile report compiles) lists exactly the configs the launchers
+    pick for N = 1 .. 65536."""
+    picked = {ln.row_config(n) for n in range(1, 65537)}
+    assert picked == set(ln.row_configs())
+
+
+def grads_through_autograd(inp, eps=EPS):
+    leaves = {k: (v.clone().requires_grad_() if v is not None else None)
+              for k, v in inp.items() if k in ("x", "weight", "bias", "residual")}
+    fn = registry.resolve("layer_norm", "triton")
+    out = fn(leaves["x"], leaves["weight"], leaves["bias"], eps, leaves["residual"])
+    if leaves["residual"] is None:
+        out.backward(inp["dy"])
+        outputs = (out, None)
+    else:
+        torch.autograd.backward(out, (inp["dy"], inp["ds"]))
+        outputs = out
+    return outputs, {k: (v.grad if v is not None else None) for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize("weight,bias,residual", [(True, True, True), (True, True, False), (False, True, False)])
+def test_autograd_through_custom_ops(weight, bias, residual, device):
+    """The public functional (registered `triton` backend): any leading shape, grads of x,
+    weight, bias, and of the residual (= grad of x, including what flowed into s)."""
+    dtype = torch.float32
+    inp = make_inputs((2, 3, 4), 200, dtype, device, weight, bias, residual, seed=21)
+    (y, s), grads = grads_through_autograd(inp)
+    ey, es, _, _, edx, edw, edb = float64_reference(**inp)
+    assert_rel_close(y, ey, tol(dtype), "y")
+    if residual:
+        assert_rel_close(s, es, tol(dtype), "s")
+        assert_rel_close(grads["residual"], edx, tol(dtype), "dresidual")
+    assert_rel_close(grads["x"], edx, tol(dtype), "dx")
+    for name, e in (("weight", edw), ("bias", edb)):
+        assert (grads[name] is None) == (e is None)
+        if e is not None:
+            assert_rel_close(grads[name], e, tol(dtype), f"d{name}")
+
+
+def test_grads_are_bitwise_deterministic(device):
+    inp = make_inputs((37,), 700, torch.float32, device, residual=True, seed=5)
+    _, first = grads_through_autograd(inp)
+    _, second = grads_through_autograd(inp)
+    for name in first:
+        assert torch.equal(first[name], second[name]), f"d{name} differs between two runs"
+
+
+def test_strided_rows_and_leading_dims(device):
+    """Row-strided input (a column slice) runs in place; leading dims that cannot be viewed as
+    rows (a transpose) are copied by reshape; both give the reference result."""
+    n = 96
+    base = make_inputs((6, 4), 2 * n, torch.float32, device, seed=8)
+    x_slice = base["x"][..., :n]  # row stride 2n, last-dim stride 1
+    x_transposed = make_inputs((4, 6), n, torch.float32, device, seed=9)["x"].transpose(0, 1)
+    w, b = base["weight"][:n].contiguous(), base["bias"][:n].contiguous()
+    for x in (x_slice, x_transposed):
+        y = ln.layer_norm(x, w, b)
+        assert_rel_close(y, reference.layer_norm(x.double(), w.double(), b.double()), tol(torch.float32), "y")
+
+
+def test_zero_rows(device):
+    x = torch.randn(0, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    x.requires_grad_()
+    y = ln.layer_norm(x, w)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(16, device=device))
+
+
+def test_torch_compile_fullgraph(device):
+    """torch.compile(fullgraph=True) traces the custom ops (fake implementations, autograd)
+    without graph breaks; forward and backward match eager."""
+
+    def block(x, w, b, r):
+        y, s = ln.layer_norm(x, w, b, EPS, residual=r)
+        return (y * y).sum() + (s * 0.5).sum() + ln.layer_norm(s, w).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    inp = make_inputs((2, 8), 64, torch.float32, device, residual=True, seed=13)
+    results = []
+    for fn in (block, compiled):
+        leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual")]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for name, a, e in zip(("loss", "dx", "dweight", "dbias", "dresidual"), *results):
+        assert_rel_close(a, e, tol(torch.float32), name)
+
+
+# --- bad input: one TritonGPTError before anything is written --------------------------------
+
+def _bad_inputs(device):
+    x = torch.randn(4, 32, device=device)
+    w = torch.randn(32, device=device)
+    return [
+        ("dtype", dict(x=x, weight=w.half())),
+        ("shape", dict(x=x, weight=torch.randn(31, device=device))),
+        ("shape", dict(x=x, bias=torch.randn(32, 1, device=device))),
+        ("residual shape", dict(x=x, residual=torch.randn(4, 31, device=device))),
+        ("contiguous", dict(x=torch.randn(32, 4, device=device).t())),
+        ("float64", dict(x=x.double(), weight=w.double())),
+        ("floating point", dict(x=torch.ones(4, 32, dtype=torch.int32, device=device))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bad_input_raises_before_writing(case, device):
+    words, kwargs = _bad_inputs(device)[case]
+    x = kwargs["x"]
+    m = x.numel() // x.shape[-1]
+    out = (poison(torch.empty(x.shape, device=device)), torch.empty(0, device=device),
+           poison(torch.empty(m, device=device)), poison(torch.empty(m, device=device)))
+    with pytest.raises(TritonGPTError, match=words):
+        ln.layer_norm_fwd(kwargs["x"], kwargs.get("weight"), kwargs.get("bias"), kwargs.get("residual"), EPS, out=out)
+    assert all(t.isnan().all() for t in out), "an output was written before the error"
+    with pytest.raises(TritonGPTError, match=words):  # the same error through the custom op
+        ln.layer_norm(**kwargs)
+
+
+def test_bad_out_and_eps(device):
+    x = torch.randn(4, 32, device=device)
+    with pytest.raises(TritonGPTError, match="eps"):
+        ln.layer_norm(x, eps=0.0)
+    wrong = (torch.empty(4, 32, device=device, dtype=torch.float16), x.new_empty(0), x.new_empty(4), x.new_empty(4))
+    with pytest.raises(TritonGPTError, match="out y"):
+        ln.layer_norm_fwd(x, None, None, None, EPS, out=wrong)
+
+
+# --- GPU: bf16, training-size shapes, PyTorch's own low-precision error as the yardstick -------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n", [768, 1024, 1600, 2048, 4096, 8192])
+def test_gpu_large_within_2x_pytorch_error(n, dtype):
+    m = 16384
+    inp = make_inputs((m,), n, dtype, "cuda", residual=True, seed=n)
+    ours = run_launchers(**inp)
+    expected = float64_reference(**inp)
+    # PyTorch's own result in the same precision
+    leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual")]
+    s = leaves[0] + leaves[3]
+    y = F.layer_norm(s, (n,), leaves[1], leaves[2], EPS)
+    torch.autograd.backward((y, s), (inp["dy"], inp["ds"]))
+    theirs = {"y": y, "s": s, "dx": leaves[0].grad, "dweight": leaves[1].grad, "dbias": leaves[2].grad}
+    names = ("y", "s", "mean", "rstd", "dx", "dweight", "dbias")
+    for name, a, e in zip(names, ours, expected):
+        if name not in theirs:
+            continue
+        ours_err, theirs_err = rel_err(a, e.reshape(a.shape)), rel_err(theirs[name], e.reshape(a.shape))
+        assert ours_err <= tol(dtype), f"{name}: relative error {ours_err:.3g} > {tol(dtype)}"
+        assert ours_err <= 2 * theirs_err or ours_err <= 1e-6, (
+            f"{name}: relative error {ours_err:.3g} > 2x PyTorch's {theirs_err:.3g}")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_many_programs():
+    inp = make_inputs((16384,), 768, torch.bfloat16, "cuda", residual=True, seed=1)
+    first, second = run_launchers(**inp), run_launchers(**inp)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_rows_of_65536():
+    inp = make_inputs((64,), 65536, torch.bfloat16, "cuda", residual=True, seed=2)
+    check_all(run_launchers(**inp), float64_reference(**inp), torch.bfloat16, 65536, inp["ds"])

@@ -1,0 +1,135 @@
+"""TrainConfig resolution: defaults < preset < TOML < flags, errors that name the key, the
+generated flags, and the `train` / `sample` --help of the real command."""
+
+import json
+
+import pytest
+
+from tritongpt.cli import main
+from tritongpt.errors import TritonGPTError
+from tritongpt.model import GPTConfig
+from tritongpt.train import config
+from tritongpt.train.config import TRAIN_PRESETS, TrainConfig
+
+
+def write_toml(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_preset_toml_flags(tmp_path):
+    toml = write_toml(tmp_path, 'preset = "tiny"\nlr = 1e-3\nn_layer = 3\nwarmup_steps = 7\n')
+    cfg = config.resolve({"n_layer": "2", "warmup_steps": "5"}, toml)
+    assert cfg.preset == "tiny"
+    assert cfg.model.n_layer == 2  # flag beats TOML beats preset
+    assert cfg.warmup_steps == 5
+    assert cfg.lr == 1e-3  # TOML beats the tiny preset's lr
+    assert cfg.lr != TRAIN_PRESETS["tiny"]["lr"]
+    assert cfg.batch_size == TRAIN_PRESETS["tiny"]["batch_size"]  # preset beats default
+    assert cfg.batch_size != TrainConfig.__dataclass_fields__["batch_size"].default
+    assert cfg.model.n_embd == GPTConfig.from_preset("tiny").n_embd  # the model preset
+    assert cfg.beta1 == 0.9  # untouched default
+
+
+def test_flag_preset_beats_toml_preset(tmp_path):
+    toml = write_toml(tmp_path, 'preset = "tiny"\n')
+    cfg = config.resolve({"preset": "small"}, toml)
+    assert cfg.preset == "small"
+    assert cfg.model == GPTConfig.from_preset("small")
+
+
+def test_auto_preset_on_cpu():
+    assert config.resolve({}).preset == ("gpt2" if __import__("torch").cuda.is_available() else "tiny")
+
+
+@pytest.mark.parametrize("text,key", [
+    ("bogus_key = 1\n", "bogus_key"),
+    ("n_layer = 'four'\n", "n_layer"),
+    ("lr = true\n", "lr"),
+    ("compile = 1\n", "compile"),
+    ("dtype = 'fp8'\n", "dtype"),
+    ("model = 3\n", "model"),
+])
+def test_toml_errors_name_the_key(tmp_path, text, key):
+    with pytest.raises(TritonGPTError, match=f"'{key}'"):
+        config.resolve({}, write_toml(tmp_path, text))
+
+
+def test_toml_syntax_error_and_missing_file(tmp_path):
+    with pytest.raises(TritonGPTError, match="invalid TOML"):
+        config.resolve({}, write_toml(tmp_path, "lr = = 3\n"))
+    with pytest.raises(TritonGPTError, match="does not exist"):
+        config.resolve({}, tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("flags,key", [
+    ({"bogus": "1"}, "bogus"),
+    ({"lr": "abc"}, "lr"),
+    ({"n_layer": "2.5"}, "n_layer"),
+    ({"compile": "maybe"}, "compile"),
+])
+def test_flag_errors_name_the_key(flags, key):
+    with pytest.raises(TritonGPTError, match=f"'{key}'"):
+        config.resolve(flags)
+
+
+def test_range_and_model_errors():
+    with pytest.raises(TritonGPTError, match="batch_size"):
+        config.resolve({"batch_size": "0"})
+    with pytest.raises(TritonGPTError, match="min_lr"):
+        config.resolve({"lr": "1e-4", "min_lr": "1e-3"})
+    with pytest.raises(TritonGPTError, match="n_embd"):
+        config.resolve({"n_embd": "65"})  # not divisible by the 4 heads
+    with pytest.raises(TritonGPTError, match="preset"):
+        config.resolve({"preset": "gpt5"})
+
+
+def test_value_syntax():
+    cfg = config.resolve({"compile": "true", "bias": "false", "window": "none", "n_kv_head": "2",
+                          "attention": "torch", "dtype": "fp32"})
+    assert cfg.compile is True and cfg.model.bias is False and cfg.model.window is None
+    assert cfg.model.n_kv_head == 2 and cfg.model.attention == "torch" and cfg.dtype == "fp32"
+
+
+def test_flat_dict_round_trip():
+    cfg = config.resolve({"n_layer": "2", "decay_steps": "40", "lr": "3e-3"})
+    flat = json.loads(json.dumps(cfg.to_dict()))
+    assert set(flat) == set(config.RUN_FIELDS) | set(config.MODEL_FIELDS)
+    assert config.from_dict(flat) == cfg
+
+
+def test_cli_flags_generated_from_fields(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in [*config.RUN_FIELDS, *config.MODEL_FIELDS]:
+        assert "--" + name.replace("_", "-") in out, name
+    assert "tritongpt train" in out
+
+
+def test_sample_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--ckpt", "--hf", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p",
+                 "--seed", "--device"):
+        assert flag in out
+    assert "tritongpt sample --ckpt" in out
+
+
+def test_cli_errors_exit_2_before_writing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--lr", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and len(err.strip().splitlines()) == 1
+    toml = write_toml(tmp_path, "n_layers = 2\n")
+    assert main(["train", "--out", str(out), "--config", str(toml)]) == 2
+    assert "'n_layers'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse rejects unknown flags (no abbreviations either)
+        main(["train", "--out", str(out), "--warmup", "3"])
+    assert exc.value.code == 2
+    assert "--warmup" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,289 @@
+"""TrainConfig: every setting of a training run, resolved as defaults < preset < TOML < --flags.
+
+    tritongpt train --preset tiny --max-steps 200 --lr 1e-3
+    tritongpt train --config run.toml --n-layer 4 --attention sdpa   # flags beat the file
+
+The run settings are the fields of `TrainConfig`; the model settings are the fields of
+`GPTConfig` (`TrainConfig.model`). Both are addressed by the same flat names everywhere: as
+TOML keys (`n_layer = 4`), as flags (`--n-layer 4`) and in OUT/config.json. The flags are
+generated from the two dataclasses, so a new field is a new flag. An unknown key or a value of
+the wrong type is a TritonGPTError naming the key.
+
+A preset names a model (`GPTConfig.from_preset`) plus the run settings that suit it
+(TRAIN_PRESETS); `auto` is "tiny" on the CPU and "gpt2" on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tritongpt.errors import TritonGPTError
+from tritongpt.model import PRESETS, GPTConfig
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on and where the run lives
+    data: str | None = _f(None, "shard dir from `tritongpt prepare` (default: tinyshakespeare, prepared "
+                                "into the data cache)")
+    out: str = _f("out", "run directory: checkpoints, config.json, metrics.jsonl, loss.png")
+    preset: str = _f("auto", "model + run preset: " + ", ".join(["auto", *PRESETS]) + " (auto: tiny on CPU, "
+                             "gpt2 on CUDA)")
+    resume: bool = _f(False, "continue from the newest checkpoint in --out (its settings, then --config and "
+                             "flags on top)")
+    # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
+    batch_size: int = _f(8, "sequences per micro-batch, per rank")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    # optimizer and schedule: linear warmup to lr, cosine down to min_lr at decay_steps
+    max_steps: int = _f(1000, "optimizer steps to train")
+    decay_steps: int | None = _f(None, "step where the cosine reaches min_lr (default: max_steps)")
+    lr: float = _f(6e-4, "peak learning rate")
+    min_lr: float = _f(6e-5, "final learning rate")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = _f(250, "evaluate (val loss + a short sample) every this many steps")
+    eval_steps: int = _f(20, "val batches per evaluation")
+    sample_tokens: int = _f(128, "tokens of the sample printed at each evaluation and at the end (0: none)")
+    log_interval: int = _f(10, "log loss, lr, tokens/s, MFU every this many steps")
+    ckpt_interval: int = _f(500, "checkpoint every this many steps (and at the end)")
+    keep_ckpts: int = _f(3, "keep the newest this many checkpoints")
+    # runtime
+    seed: int = _f(1337, "seed for weights, data order, dropout")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU)")
+    dtype: Dtype = _f("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with grad "
+                              "scaling) or fp32")
+    compile: bool = _f(False, "torch.compile the model")
+    doc_mask: bool = _f(False, "attend only within a document (doc ids from the eot tokens in each batch)")
+    # the model: GPTConfig fields, addressed by their own names (--n-layer, n_layer = ...)
+    model: GPTConfig = field(default_factory=lambda: GPTConfig.from_preset("tiny"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form (run fields + model fields), as in TOML files and OUT/config.json."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        flat.update(dataclasses.asdict(self.model))
+        return flat
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one rank."""
+        return self.batch_size * self.model.block_size * self.grad_accum
+
+
+RUN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
+assert not RUN_FIELDS.keys() & MODEL_FIELDS.keys(), "TrainConfig and GPTConfig field names must differ"
+_HINTS = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfig)}
+
+# Run settings per model preset (model fields here override the model preset for training).
+_GPT2_RUN = dict(batch_size=16, grad_accum=4, max_steps=600, lr=6e-4, min_lr=6e-5, warmup_steps=50,
+                 eval_interval=100, eval_steps=20, log_interval=10, ckpt_interval=200, dropout=0.1)
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=16, max_steps=500, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                 eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=250, weight_decay=0.1),
+    "small": dict(batch_size=8, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=50,
+                  eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
+    "gpt2": _GPT2_RUN,
+    "gpt2-medium": {**_GPT2_RUN, "lr": 3e-4, "min_lr": 3e-5},
+    "gpt2-large": {**_GPT2_RUN, "batch_size": 8, "grad_accum": 8, "lr": 2.5e-4, "min_lr": 2.5e-5},
+    "gpt2-xl": {**_GPT2_RUN, "batch_size": 4, "grad_accum": 16, "lr": 2e-4, "min_lr": 2e-5},
+}
+
+
+def auto_preset() -> str:
+    import torch
+    return "gpt2" if torch.cuda.is_available() else "tiny"
+
+
+def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = None,
+            base: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig from defaults < preset < TOML file < flags.
+
+    `flags` maps field names to the strings typed on the command line. `base`, when given (the
+    flat config of a run being resumed), replaces defaults and preset.
+    """
+    flags = {k: parse(k, v, "flag --" + k.replace("_", "-"), text=True) for k, v in (flags or {}).items()}
+    from_file = read_toml(toml_path) if toml_path else {}
+    preset = flags.get("preset", from_file.get("preset", base["preset"] if base else "auto"))
+    if preset == "auto":
+        preset = auto_preset()
+    if preset not in PRESETS:
+        raise TritonGPTError(f"preset: unknown preset {preset!r}; choices: auto, {', '.join(PRESETS)}")
+    layers = [base] if base else [TRAIN_PRESETS.get(preset, {})]
+    values: dict[str, Any] = {}
+    for layer in (*layers, from_file, flags):
+        values.update(layer)
+    values["preset"] = preset
+    run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+    model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    try:
+        model_config = GPTConfig(**model) if base else GPTConfig.from_preset(preset, **model)
+    except TypeError as exc:  # a GPTConfig that rejects a combination without naming it
+        raise TritonGPTError(f"model config: {exc}") from exc
+    cfg = TrainConfig(**run, model=model_config)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(flat: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its flat form (OUT/config.json, a checkpoint's train_config)."""
+    return resolve(base={k: parse(k, v, "config", text=False) for k, v in flat.items()})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The keys of a TOML config file, checked against the fields and their types."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as exc:
+            raise TritonGPTError("reading TOML configs needs Python 3.11+ or `pip install tomli`") from exc
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise TritonGPTError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TritonGPTError(f"config file {path}: invalid TOML: {exc}") from exc
+    return {k: parse(k, v, f"{path}", text=False) for k, v in raw.items()}
+
+
+def parse(key: str, value: Any, source: str, *, text: bool) -> Any:
+    """`value` for field `key` converted to the field's type; `text`: it was typed as a string."""
+    if key not in _HINTS or key == "model":
+        raise TritonGPTError(f"unknown config key {key!r} (in {source}); see `tritongpt train --help`")
+    try:
+        return _convert(value, _HINTS[key], text)
+    except (TypeError, ValueError) as exc:
+        raise TritonGPTError(f"config key {key!r} (in {source}): {value!r} is not {_describe(_HINTS[key])}") from exc
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _convert(value: Any, hint: Any, text: bool) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (text and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, text)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(value)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(value)
+    if hint is bool:
+        if text and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if hint is int:
+        if text:
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if hint is float:
+        if text:
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(value)
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
+            type(None): "none"}.get(hint, str(hint))
+
+
+def metavar(key: str) -> str:
+    """The placeholder shown in --help for field `key`."""
+    hint = _HINTS[key]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "{" + ",".join(args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return metavar_of(inner[0]) if len(inner) == 1 else "VALUE"
+    return metavar_of(hint)
+
+
+def metavar_of(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "{" + ",".join(typing.get_args(hint)) + "}"
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(hint, "VALUE")
+
+
+def is_bool(key: str) -> bool:
+    return _HINTS[key] is bool
+
+
+def help_text(key: str) -> str:
+    f = RUN_FIELDS.get(key) or MODEL_FIELDS[key]
+    text = f.metadata.get("help", "")
+    if key in MODEL_FIELDS:
+        text = f"model: {text} " if text else "model setting "
+        text += "(default: the preset's)"
+    elif "default" not in text:
+        text += f" (default: {f.default}, or the preset's)" if key in _preset_keys() else f" (default: {f.default})"
+    return text.replace("%", "%%")
+
+
+def _preset_keys() -> set[str]:
+    return {k for run in TRAIN_PRESETS.values() for k in run}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks on the run settings (GPTConfig checks its own)."""
+    positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
+                "ckpt_interval", "keep_ckpts"]
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise TritonGPTError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    non_negative = ["warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens"]
+    for key in non_negative:
+        if getattr(cfg, key) < 0:
+            raise TritonGPTError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.decay_steps is not None and cfg.decay_steps < 1:
+        raise TritonGPTError(f"decay_steps must be >= 1, got {cfg.decay_steps}")
+    if not cfg.lr > 0:
+        raise TritonGPTError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.min_lr > cfg.lr:
+        raise TritonGPTError(f"min_lr ({cfg.min_lr}) must be <= lr ({cfg.lr})")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise TritonGPTError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")

@@ -1,0 +1,115 @@
+"""torchrun / DistributedDataParallel setup and rank-0 helpers.
+
+    torchrun --standalone --nproc_per_node=8 -m tritongpt.cli train --preset gpt2 --data DIR
+
+Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE in the environment) `setup` joins the process
+group — nccl when the run is on CUDA, gloo on the CPU — and pins each process to the GPU of its
+local rank. Without torchrun it is a world of one and nothing is initialized. Every collective
+below is a no-op in a world of one, so the training loop calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tritongpt.errors import TritonGPTError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int  # global rank, 0..world_size-1
+    local_rank: int  # rank on this node (picks the GPU)
+    world_size: int
+    device: torch.device  # where this rank trains
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this rank's GPU when CUDA is available, else the CPU; `cuda` -> cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TritonGPTError(f"device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TritonGPTError(f"device: {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise TritonGPTError(f"device: {device} does not exist ({torch.cuda.device_count()} GPUs)")
+    return device
+
+
+def setup(device_name: str = "auto") -> Dist:
+    """Join the torchrun process group if there is one; returns this process's place in it."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                rank=rank, world_size=world_size)
+    return Dist(rank, local_rank, world_size, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def mean(d: Dist, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all ranks (returns a new tensor)."""
+    value = value.detach().clone()
+    if d.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
+    return value
+
+
+def any_rank(d: Dist, flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank (e.g. a signal reached only one)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather(d: Dist, obj: Any) -> list[Any]:
+    """Every rank's `obj`, indexed by rank (picklable objects; used for RNG and loader states)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(d: Dist, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

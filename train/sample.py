@@ -1,0 +1,62 @@
+"""`tritongpt sample`: stream text from a trained checkpoint or a Hugging Face GPT-2 directory.
+
+    tritongpt sample --ckpt out/ --prompt "ROMEO:" --max-new-tokens 200
+    tritongpt sample --ckpt out/ckpt_0000500.pt --temperature 0 --max-new-tokens 50   # greedy
+    tritongpt sample --hf path/to/gpt2 --prompt "Hello, I'm a language model," --top-p 0.9
+
+Tokens are printed as they are generated. A token can end in the middle of a UTF-8 character
+(GPT-2's byte-level BPE); its bytes wait until the character is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+HELP = "stream text from a checkpoint (--ckpt) or a Hugging Face GPT-2 directory (--hf)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", metavar="PATH", help="run directory (its newest checkpoint) or a ckpt_*.pt file")
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + weights)")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (default 200)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9 (default off)")
+    parser.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    for flag in ("attention", "norm", "mlp", "backend"):
+        parser.add_argument(f"--{flag}", default=None, help=f"{flag} backend to run with (default: the model's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tritongpt.data.tokenizer import get_encoding
+    from tritongpt.train import checkpoint
+    from tritongpt.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    backends = {k: getattr(args, k) for k in ("attention", "norm", "mlp", "backend") if getattr(args, k)}
+    if args.ckpt:
+        ckpt = checkpoint.load(args.ckpt, "cpu")
+        model = checkpoint.model_from(ckpt, device, source=args.ckpt, **backends)
+        enc = get_encoding(ckpt.get("tokenizer", "gpt2"))
+    else:
+        from tritongpt.model.hf import load_hf
+        model = load_hf(args.hf, **backends).to(device).eval()
+        enc = get_encoding("gpt2")
+    prompt = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    sys.stdout.write(args.prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p, generator=generator):
+        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(int(token[0]))))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0

@@ -1,0 +1,462 @@
+"""The training loop: schedule, accumulation, autocast, eval, logging, checkpoints, DDP.
+
+    tritongpt train                                    # tinyshakespeare, a preset sized for the device
+    tritongpt train --data data/fineweb --preset gpt2 --out runs/gpt2 --compile
+    tritongpt train --out runs/gpt2 --resume           # continue from the newest checkpoint
+    torchrun --standalone --nproc_per_node=8 -m tritongpt.cli train --preset gpt2 --data DIR
+
+One optimizer step = grad_accum micro-batches per rank, each (batch_size, block_size) tokens,
+under autocast (bf16 on CUDA; fp16 with a GradScaler; fp32 off). AdamW from
+model.configure_optimizer, linear warmup then cosine to min_lr, global-norm gradient clipping.
+Under torchrun the model is wrapped in DistributedDataParallel and each rank reads its own part
+of every batch (the loader's rank/world_size); rank 0 prints and writes OUT. SIGINT/SIGTERM
+finish the current step, save a checkpoint and exit (a second signal acts as usual).
+
+OUT/metrics.jsonl gets one JSON object per log step (step, loss, lr, grad_norm, tokens_per_s,
+mfu, tokens, backends) and per evaluation (step, val_loss). MFU is model FLOPs per second per GPU
+over the GPU's dense tensor-core peak for the autocast dtype (PEAK_FLOPS); it is null on the CPU
+and on GPUs missing from the table.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tritongpt.errors import TritonGPTError
+from tritongpt.train import checkpoint, distributed
+from tritongpt.train.config import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Dense (no sparsity) tensor-core peak FLOP/s per GPU by autocast dtype; fp32 runs use TF32
+# (set_float32_matmul_precision("high")). First substring of torch.cuda.get_device_name() wins.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+]
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The table's peak for this device and dtype; None on the CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS:
+        if key in name:
+            return peaks.get(dtype)
+    return None
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """`auto` -> bf16 on a CUDA GPU that supports it, else fp32 (fp16 needs CUDA)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise TritonGPTError(f"dtype fp16 needs a CUDA device (device is {device}); use bf16 or fp32")
+    return name
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.decay_steps or cfg.max_steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def doc_ids_from(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) document ids: each eot token starts a new document (shards put eot before each)."""
+    return torch.cumsum((idx == eot_id).to(torch.int32), dim=1)
+
+
+def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None = None) -> TrainConfig:
+    """The config of a run: resolved from defaults, preset, TOML and flags, or — with resume and a
+    checkpoint in OUT — from the checkpoint's config with the TOML and flags on top."""
+    from tritongpt.train import config
+
+    cfg = config.resolve(flags, toml_path)
+    newest = checkpoint.latest(cfg.out) if cfg.resume else None
+    if newest is None:
+        return cfg
+    saved = checkpoint.read_train_config(newest)
+    resumed = config.resolve(flags, toml_path, base=saved)
+    resumed.out = cfg.out  # where the checkpoint was found, even if the run directory moved
+    return resumed
+
+
+def default_data(d: distributed.Dist) -> Path:
+    """tinyshakespeare as shards in the data cache (prepared once, by rank 0)."""
+    from tritongpt.data import assets, prepare
+
+    out_dir = assets.cache_dir() / "tinyshakespeare"
+    if d.is_main and not (out_dir / "meta.json").is_file():
+        print(f"preparing tinyshakespeare shards in {out_dir}")
+        prepare.prepare("tinyshakespeare", out_dir, force=True)
+    distributed.barrier(d)
+    return out_dir
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run training as configured; returns the exit code (0, or 128 + signal after a signal)."""
+    d = distributed.setup(cfg.device)
+    try:
+        return Trainer(cfg, d).fit()
+    finally:
+        distributed.cleanup()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: distributed.Dist) -> None:
+        from tritongpt.data.loader import ShardLoader
+        from tritongpt.model import GPT
+
+        self.cfg, self.d, self.device = cfg, d, d.device
+        self.out = Path(cfg.out)
+        newest = checkpoint.latest(self.out)
+        if newest is not None and not cfg.resume:
+            raise TritonGPTError(f"{self.out} already holds checkpoints ({newest.name}); pass --resume to continue "
+                                 f"that run or choose another --out")
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        cfg.data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = GPT(cfg.model).to(self.device)
+        # One loader step per optimizer step: the global batch of world_size * grad_accum * batch_size
+        # windows depends only on (seed, step); this rank's rows are cut into grad_accum micro-batches.
+        # So world_size x grad_accum can be traded for one another without changing what is trained on.
+        self.loader = ShardLoader(cfg.data, "train", cfg.grad_accum * cfg.batch_size, cfg.model.block_size,
+                                  seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+                                  vocab_size=cfg.model.real_vocab_size)
+        self.val_loader = ShardLoader(cfg.data, "val", cfg.batch_size, cfg.model.block_size, seed=cfg.seed,
+                                      rank=d.rank, world_size=d.world_size, sequential=True,
+                                      vocab_size=cfg.model.real_vocab_size)
+        self.val_start = self.val_loader.state_dict()  # every evaluation reads the same val batches
+        meta = self.loader.meta or {}
+        self.eot_id = meta.get("eot_id")
+        self.tokenizer = meta.get("tokenizer", "gpt2")
+        if cfg.doc_mask and self.eot_id is None:
+            raise TritonGPTError(f"doc_mask needs the eot id of the data; {cfg.data} has no meta.json with eot_id")
+        self.optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                        self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
+        self.step = 0
+        if newest is not None:
+            self._restore(checkpoint.load(newest, "cpu"), newest)
+        else:
+            torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
+
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.forward = DDP(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.peak = peak_flops(self.device, self.dtype)
+        self.flops_per_token = self.model.flops_per_token()
+        self.backends = self.model.backend_names()
+        self.progress = Progress(cfg.max_steps, enabled=d.is_main)
+        self.stop_signal: int | None = None
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        cfg, d = self.cfg, self.d
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(self.out / "config.json",
+                                    lambda fh: fh.write(json.dumps(cfg.to_dict(), indent=2).encode() + b"\n"))
+            self._start_metrics()
+            n = self.model.num_params()
+            print(f"training {cfg.preset} model, {n / 1e6:.2f}M params, on {self.device} ({self.dtype}) x "
+                  f"{d.world_size}; {cfg.tokens_per_step * d.world_size} tokens/step; backends "
+                  + ", ".join(f"{op}={name}" for op, name in self.backends.items())
+                  + (f"; resuming at step {self.step}" if self.step else ""))
+        previous = self._install_signal_handlers()
+        try:
+            self._loop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self.stop_signal is not None:
+            if d.is_main:
+                self.progress.write(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
+                                    f"checkpoint saved in {self.out}")
+            return 128 + self.stop_signal
+        if d.is_main:
+            self.progress.close()
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+        return 0
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        tokens_per_step = cfg.tokens_per_step * self.d.world_size
+        timer, steps_timed = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            lr = lr_at(self.step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self._train_step()
+            self.step += 1
+            steps_timed += 1
+            stop = distributed.any_rank(self.d, self.stop_signal is not None)
+            if stop and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM  # another rank was signalled
+            last = self.step == cfg.max_steps
+            if self.step % cfg.log_interval == 0 or last or stop:
+                loss = distributed.mean(self.d, loss).item()
+                elapsed = time.perf_counter() - timer
+                tokens_per_s = tokens_per_step * steps_timed / elapsed
+                per_gpu_flops = tokens_per_s / self.d.world_size * self.flops_per_token
+                self._log(dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm.item(),
+                               tokens_per_s=tokens_per_s, mfu=per_gpu_flops / self.peak if self.peak else None,
+                               tokens=self.step * tokens_per_step, backends=self.backends))
+                timer, steps_timed = time.perf_counter(), 0
+            else:
+                self.progress.update(self.step)
+            if self.step % cfg.eval_interval == 0 or last:
+                self._evaluate(final=last)
+                timer, steps_timed = time.perf_counter(), 0
+            if self.step % cfg.ckpt_interval == 0 or last or stop:
+                self._save()
+                timer, steps_timed = time.perf_counter(), 0
+            if stop:
+                return
+
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; (mean loss, grad norm before clipping)."""
+        cfg = self.cfg
+        loss_sum = torch.zeros((), device=self.device)
+        xs, ys = self._batch(self.loader)
+        for micro in range(cfg.grad_accum):
+            rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+            x, y = xs[rows], ys[rows]
+            # DDP all-reduces gradients only on the last micro-batch of the step
+            sync = micro == cfg.grad_accum - 1 or not self.d.enabled
+            with contextlib.nullcontext() if sync else self.forward.no_sync():
+                with self._autocast():
+                    _, loss = self.forward(x, y, doc_ids=self._doc_ids(x))
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / cfg.grad_accum, grad_norm
+
+    def _batch(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = loader.next_batch()
+        pin = self.device.type == "cuda"
+        return (x.pin_memory().to(self.device, non_blocking=True) if pin else x,
+                y.pin_memory().to(self.device, non_blocking=True) if pin else y)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32")
+
+    def _doc_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        return doc_ids_from(x, self.eot_id) if self.cfg.doc_mask else None
+
+    @torch.no_grad()
+    def _evaluate(self, final: bool) -> None:
+        """Mean val loss over eval_steps batches (the same batches every time) and a sample."""
+        cfg = self.cfg
+        self.model.eval()
+        self.val_loader.load_state_dict(self.val_start)
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.eval_steps):
+            x, y = self._batch(self.val_loader)
+            with self._autocast():
+                total += self.model(x, y, doc_ids=self._doc_ids(x))[1].float()
+        val_loss = distributed.mean(self.d, total / cfg.eval_steps).item()
+        if self.d.is_main:
+            self._write_metrics(dict(step=self.step, val_loss=val_loss))
+            self.progress.write(f"step {self.step}: val loss {val_loss:.4f}")
+            if cfg.sample_tokens:
+                self.progress.write(("final sample" if final else "sample") + ": "
+                                    + self.sample(cfg.sample_tokens).replace("\n", "\n  "))
+        self.model.train()
+
+    def sample(self, max_new_tokens: int) -> str:
+        """A sample from the model, starting at the eot token, with a fixed seed (the training RNG
+        is not touched)."""
+        from tritongpt.data.tokenizer import get_encoding
+
+        enc = get_encoding(self.tokenizer)
+        start = self.eot_id if self.eot_id is not None else enc.eot_token
+        idx = torch.tensor([[start]], device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        was_training = self.model.training
+        self.model.eval()
+        with self._autocast():
+            tokens = [int(t.reshape(-1)[0]) for t in self.model.generate_stream(
+                idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)]
+        self.model.train(was_training)
+        return decode_stream(enc, tokens)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _save(self) -> None:
+        rngs = distributed.gather(self.d, checkpoint.rng_state())
+        loaders = distributed.gather(self.d, self.loader.state_dict())
+        if self.d.is_main:
+            state = dict(step=self.step, model=self.model.state_dict(),
+                         model_config=dataclasses.asdict(self.cfg.model), train_config=self.cfg.to_dict(),
+                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rngs,
+                         loader=loaders, backends=self.backends, tokenizer=self.tokenizer,
+                         world_size=self.d.world_size)
+            checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
+        distributed.barrier(self.d)
+
+    def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
+        checkpoint.load_weights(self.model, ckpt["model"], source)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = ckpt["step"]
+        self.loader.load_state_dict(ckpt["loader"][0])  # the loader state is the same on every rank
+        if ckpt["world_size"] == self.d.world_size:
+            checkpoint.set_rng_state(ckpt["rng"][self.d.rank])
+            return
+        # Another world size: the data order continues (it depends on seed and step only, so keep
+        # world_size * grad_accum * batch_size), but each rank's random generators start afresh.
+        torch.manual_seed(self.cfg.seed + self.d.rank + self.step)
+        if self.d.is_main:
+            print(f"note: {source} was saved by {ckpt['world_size']} processes, this run has {self.d.world_size}: "
+                  f"same data order, fresh random generators (not bitwise the run that was saved)")
+
+    # --- logging --------------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        """A fresh metrics.jsonl, or on resume the old one cut back to the checkpoint's step."""
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if self.step and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+        checkpoint.atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept).encode()))
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.d.is_main:
+            return
+        self._write_metrics(record)
+        mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
+        self.progress.update(self.step, f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                                        f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
+                                        f"mfu {mfu}", log=True)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM set stop_signal (the loop saves and exits); the old handler comes back
+        at once, so a second signal acts as it would have."""
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signum, previous[signum])
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, on_signal)
+            except ValueError:  # not the main thread: no handlers
+                break
+        return previous
+
+
+class Progress:
+    """A progress bar on a terminal; plain lines at log steps otherwise. Prints only if enabled."""
+
+    def __init__(self, total: int, enabled: bool, stream=None) -> None:
+        self.total, self.enabled = total, enabled
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.status = ""
+        self.started = time.perf_counter()
+        self.first_step: int | None = None
+        self.drawn = False
+
+    def update(self, step: int, status: str | None = None, log: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step, self.started = step - 1, time.perf_counter()
+        if status is not None:
+            self.status = status
+        if self.tty:
+            done = step / self.total
+            rate = (step - self.first_step) / max(1e-9, time.perf_counter() - self.started)
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
+            self.stream.write(f"\r\x1b[K[{bar}] {step}/{self.total} {self.status} | eta {eta:.0f}s")
+            self.stream.flush()
+            self.drawn = True
+        elif log:
+            print(f"step {step}/{self.total} | {self.status}", file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        """A line printed above the bar."""
+        if not self.enabled:
+            return
+        if self.tty and self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.drawn = False
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def decode_stream(enc, tokens) -> str:
+    """Decode token ids one at a time as a stream would (incomplete UTF-8 waits for its bytes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = "".join(decoder.decode(enc.decode_single_token_bytes(t)) for t in tokens)
+    return text + decoder.decode(b"", final=True)
+
+
+def plot_losses(metrics: Path, png: Path) -> Path | None:
+    """Train and val loss against step from metrics.jsonl, as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "val")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    checkpoint.atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+    return png
