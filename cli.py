@@ -22,6 +22,7 @@ COMMANDS = {
     "prepare": "tritongpt.data.cli",
     "train": "tritongpt.train.cli",
     "sample": "tritongpt.train.sample",
+    "attention-map": "tritongpt.model.cli",
     "bench": "tritongpt.bench.cli",
 }
 

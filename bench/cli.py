@@ -26,7 +26,7 @@ TARGETS = ("attention", "layer_norm", "mlp", "step", "all")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 # step defaults: (full, --quick)
-STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 3)}
+STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="step: batch size (default 16; --quick: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="step: sequence length (default 1024; --quick: 32)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="step: timed training steps after one warm-up step (default 10; --quick: 3)")
+                        help="step: timed training steps after one warm-up step (default 10; --quick: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Fill the defaults that depend on the device and --quick; raise on bad input."""
+    from tritongpt.bench.kernels import default_device, default_dtype
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TritonGPTError("--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    device = torch.device(args.device) if args.device else default_device()
+    args.dtype = args.dtype or next(k for k, v in DTYPES.items() if v == default_dtype(device))
     for name, (full, quick) in STEP_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -92,7 +93,8 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     log(f"measuring ceilings on {report.device_name(device)} ...")
     ceiling = kernels.ceilings(device, dtype, timer)
     rows, skipped = [], []
-    for op in kernels.OPS if args.target == "all" else [t for t in (args.target,) if t in kernels.OPS]:
+    ops = kernels.OPS if args.target == "all" else [args.target] if args.target in kernels.OPS else []
+    for op in ops:
         op_rows, op_skipped = kernels.run_op(op, device=device, dtype=dtype, quick=args.quick, timer=timer,
                                              ceiling=ceiling, compile=args.compile, seed=args.seed, log=log)
         rows += op_rows

@@ -16,16 +16,16 @@ correctness on a tiny case and never timed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
-import inspect
 import itertools
 import math
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -47,6 +47,15 @@ FLAG = "ERROR ABOVE TOLERANCE"
 
 MAX_COPIES = 8  # input sets rotated through while timing, so L2 holds none of them
 REF_CHUNK_BYTES = 2 << 30  # attention reference: heads per chunk keep the scores under this
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU (what training uses), fp32 on the CPU (the interpreter's bf16 dots are wrong)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,6 +213,7 @@ class Provider:
     source: str  # "backend" (registered in the registry) or "peer"
     timed: bool = True  # False: correctness only (Triton interpreter)
     note: str = ""  # why it cannot run, or what its rows mean
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # held while it runs
 
 
 def _needs_triton(op: str, name: str) -> bool:
@@ -222,6 +232,13 @@ def _compiled(fn: Callable) -> Callable[[], Callable]:
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
     return make
+
+
+def _keep_saved_buffers() -> contextlib.AbstractContextManager:
+    """Compiled backward graphs that may run again (retain_graph=True), so `bwd` can be timed on
+    its own: AOTAutograd's donated buffers would free the saved tensors after the first run."""
+    import torch._functorch.config as config
+    return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
 
 
 def _sdpa_backends() -> dict[str, object]:
@@ -286,7 +303,8 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
             else:
                 skipped.append({"op": op, "provider": name, "reason": "SDPA kernel choice is CUDA only"})
     if compile:
-        found.append(Provider(COMPILE, _compiled(registry.resolve(op, BASELINE)), "peer"))
+        found.append(Provider(COMPILE, _compiled(registry.resolve(op, BASELINE)), "peer",
+                              scope=_keep_saved_buffers))
     else:
         skipped.append({"op": op, "provider": COMPILE, "reason": "--no-compile"})
     for package, (package_op, build) in PACKAGES.items():
@@ -326,11 +344,11 @@ class Timer:
             from triton.testing import do_bench
             warmup, rep = (5, 20) if self.quick else (25, 100)
             return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-        budget_s = 0.02 if self.quick else 0.5
+        budget_s = 0.05 if self.quick else 0.5
         fn()  # warm-up: first-call allocations and lazy initialization
         times: list[float] = []
         start = time.perf_counter()
-        while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 1000):
+        while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 1000):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
@@ -355,7 +373,7 @@ def ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     of a large device-to-device copy (read + write) and TFLOP/s of a large matmul in `dtype`."""
     cuda = device.type == "cuda"
     copy_bytes = (256 << 20 if timer.quick else 1 << 30) if cuda else (16 << 20 if timer.quick else 256 << 20)
-    n = (4096 if timer.quick else 8192) if cuda else (256 if timer.quick else 1024)
+    n = (4096 if timer.quick else 8192) if cuda else (512 if timer.quick else 1024)
     src = torch.rand(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = timer(lambda: dst.copy_(src))
@@ -375,15 +393,19 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _copies(nbytes: int, device: torch.device) -> int:
-    """Input sets to rotate through so together they overflow L2 four times (one on the CPU)."""
-    if device.type != "cuda":
-        return 1
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    return max(1, min(MAX_COPIES, math.ceil(4 * l2 / nbytes)))
+def input_sets(case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[InputSet]:
+    """Random input sets of `case` to rotate through while timing: on CUDA enough that together
+    they overflow L2 four times (at most MAX_COPIES), one on the CPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    first = make_inputs(case, dtype, device, gen)
+    copies = 1
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+        copies = max(1, min(MAX_COPIES, math.ceil(4 * l2 / first.nbytes)))
+    return [first] + [make_inputs(case, dtype, device, gen) for _ in range(copies - 1)]
 
 
-def _runner(mode: str, fn: Callable, sets: list[InputSet], kwargs: dict) -> Callable[[], object]:
+def runner(mode: str, fn: Callable, sets: list[InputSet], kwargs: dict) -> Callable[[], object]:
     """A no-argument callable running `mode` once, on the next input set in turn. Gradients come
     from torch.autograd.grad (nothing accumulates into .grad); `bwd` reuses graphs built here."""
     turn = itertools.cycle(range(len(sets)))
@@ -431,18 +453,17 @@ def run_op(op: str, *, device: torch.device, dtype: torch.dtype, quick: bool, ti
 def run_case(case: Case, found: list[Provider], *, device: torch.device, dtype: torch.dtype, timer: Timer,
              ceiling: dict, seed: int = 0, log: Callable[[str], None] = lambda message: None) -> list[dict]:
     """Rows of one case: every provider on the same inputs, errors against one reference."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    first = make_inputs(case, dtype, device, gen)
-    sets = [first] + [make_inputs(case, dtype, device, gen) for _ in range(_copies(first.nbytes, device) - 1)]
+    sets = input_sets(case, dtype, device, seed)
     try:
-        ref = reference(case, first, reference_dtype(dtype, device))
+        ref = reference(case, sets[0], reference_dtype(dtype, device))
     except Exception as exc:  # e.g. out of memory: the rows keep their times, errors say why not
         ref = describe_error(exc)
         log(f"  reference failed: {ref}")
     _free(device)
     rows: list[dict] = []
     for p in found:
-        rows += _measure(case, p, sets, ref, device=device, dtype=dtype, timer=timer, ceiling=ceiling, log=log)
+        with p.scope():
+            rows += _measure(case, p, sets, ref, device=device, dtype=dtype, timer=timer, ceiling=ceiling, log=log)
         _free(device)
     _compare(rows, tolerance(dtype, device))
     return rows
@@ -481,8 +502,8 @@ def _measure(case: Case, p: Provider, sets: list[InputSet], ref: tuple | str, *,
         return list(rows.values())
     for mode, row in rows.items():
         try:
-            ms = timer(_runner(mode, fn, sets, kwargs))
-            peak = peak_mb(_runner(mode, fn, sets[:1], kwargs), device)
+            ms = timer(runner(mode, fn, sets, kwargs))
+            peak = peak_mb(runner(mode, fn, sets[:1], kwargs), device)
         except Exception as exc:
             row["note"] = _join(row["note"], describe_error(exc))
             log(f"  {p.name:<16} {mode:<8} failed: {row['note']}")

@@ -127,7 +127,7 @@ def header_lines(head: dict) -> list[str]:
              f"timer: {head['timer']}"]
     c = head.get("ceilings") or {}
     if c:
-        lines.append(f"ceilings: copy {c['copy_gbps']:.1f} GB/s, matmul {c['matmul_tflops']:.2f} TFLOP/s ({c['matmul']})")
+        lines.append(f"ceilings: copy {_fmt(c['copy_gbps'])} GB/s, matmul {_fmt(c['matmul_tflops'])} TFLOP/s ({c['matmul']})")
     if head.get("interpreter"):
         lines.append("TRITON_INTERPRET=1: Triton backends are checked for correctness, never timed")
     return lines

@@ -71,6 +71,9 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
     if out.is_dir() and any(out.iterdir()) and not force:
         raise TritonGPTError(f"output directory {out} is not empty; pass --force (force=True) to replace it")
     single_file, files = resolve_source(source)
+    inside = [f for f in files if out.resolve() in f.resolve().parents]
+    if inside:
+        raise TritonGPTError(f"output directory {out} holds the source file {inside[0]}; choose another --out")
     encoding = get_encoding(tokenizer)
     check_fits_uint16(encoding)
     total_bytes = sum(f.stat().st_size for f in files)
@@ -156,6 +159,7 @@ def _write_shards(directory: Path, single_file: bool, files: list[Path], encodin
 
 def _single_file_items(path: Path, val_fraction: float, progress: _Progress) -> Iterator[tuple[str, str, bool]]:
     """(split, text, eot_first) pieces of one file, split nanoGPT's way at a character offset."""
+    progress.message(f"counting the characters of {path} to place the train/val split")
     total_chars = sum(len(block) for block in _read_text(path))
     split_at = int(total_chars * (1 - val_fraction))
 
@@ -349,6 +353,11 @@ class _Progress:
 
     def finish(self) -> None:
         self._show(final=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(f"prepare: {text}\n")
+            self.stream.flush()
 
     def _show(self, final: bool) -> None:
         if not self.enabled:

@@ -85,17 +85,21 @@ def _pruner(kind: str):
         if interpreting():  # the interpreter would "benchmark" every config: run one, the smallest
             return [_smallest(configs)]
         args = {**named_args, **kwargs}
-        t, s = triton.next_power_of_2(args["T"]), triton.next_power_of_2(args["S"])
+        t, s = args["t_bucket"], args["s_bucket"]
         kept = [c for c in configs if fits(kind, c, args["HEAD_DIM"], args["Q"].element_size())]
         short = [c for c in kept if c.kwargs["BLOCK_M"] <= max(t, 64) and c.kwargs["BLOCK_N"] <= max(s, 64)]
-        return short or kept or [_smallest(configs)]
+        if not kept:  # fp32 at head_dim 256: the smallest tiles, without multi-stage buffering
+            c = _smallest(configs)
+            kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)]
+        return short or kept
     return prune
 
 
 def _autotune(kind: str, configs: list):
-    return triton.autotune(configs=configs, key=["T", "S", "HEAD_DIM", "CAUSAL"],
+    """Tuned once per (power-of-two bucket of T and of S, head dim, causal, dtypes): a decode loop
+    whose key length grows by one per step does not re-tune at every step."""
+    return triton.autotune(configs=configs, key=["t_bucket", "s_bucket", "HEAD_DIM", "CAUSAL"],
                            prune_configs_by={"early_config_prune": _pruner(kind)})
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +287,8 @@ def _attn_fwd_kernel(
     S,  # key length
     window,  # sliding window (ignored unless HAS_WINDOW)
     sm_scale,  # softmax scale (natural units)
+    t_bucket,  # autotune key only: next power of two of T
+    s_bucket,  # autotune key only: next power of two of S
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two
     CAUSAL: tl.constexpr,
@@ -443,6 +449,8 @@ def _attn_bwd_dkdv_kernel(
     S,  # key length
     window,  # sliding window (ignored unless HAS_WINDOW)
     sm_scale,  # softmax scale (natural units)
+    t_bucket,  # autotune key only: next power of two of T
+    s_bucket,  # autotune key only: next power of two of S
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two
     CAUSAL: tl.constexpr,
@@ -566,6 +574,8 @@ def _attn_bwd_dq_kernel(
     S,  # key length
     window,  # sliding window (ignored unless HAS_WINDOW)
     sm_scale,  # softmax scale (natural units)
+    t_bucket,  # autotune key only: next power of two of T
+    s_bucket,  # autotune key only: next power of two of S
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D rounded up to a power of two
     CAUSAL: tl.constexpr,
@@ -636,6 +646,10 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device: torch.device) -> tuple[to
     return doc_ids, doc_ids.stride(0), doc_ids.stride(1)
 
 
+def _buckets(t: int, s: int) -> tuple[int, int]:
+    return triton.next_power_of_2(t), triton.next_power_of_2(s)
+
+
 def _mask_meta(d: int, causal: bool, window: Optional[int], doc_ids: Optional[torch.Tensor]) -> dict:
     return dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
                 HAS_WINDOW=window is not None, HAS_DOCS=doc_ids is not None)
@@ -656,7 +670,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, docs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_db, stride_ds,
-        h, h // h_kv, t, s, window or 0, softmax_scale, **_mask_meta(d, causal, window, doc_ids))
+        h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s), **_mask_meta(d, causal, window, doc_ids))
     return out, lse
 
 
@@ -692,7 +706,7 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     _attn_bwd_preprocess_kernel[(triton.cdiv(t, rows), b * h)](
         out, dout, delta, *out.stride(), *dout.stride(), h, t,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows)
-    shared = (h, h // h_kv, t, s, window or 0, softmax_scale)
+    shared = (h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s))
     _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * h_kv)](
         q, k, v, dout, lse, delta, docs, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         *dk.stride(), *dv.stride(), stride_db, stride_ds, *shared, **meta)

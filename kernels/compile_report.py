@@ -22,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.kernels.registry import interpreting
 
 # Largest dynamic shared memory one block may opt into, bytes (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -147,6 +148,8 @@ def compile_variant(variant: KernelVariant, arch: int) -> CompileRow:
 def report(arch: str, name_filter: str = "") -> list[CompileRow]:
     if arch not in ARCHES:
         raise TritonGPTError(f"unknown --arch {arch!r}; choices: {', '.join(ARCHES)}")
+    if interpreting():  # @triton.jit then builds interpreter functions, which cannot compile
+        raise TritonGPTError("the compile report needs compilable kernels: unset TRITON_INTERPRET")
     return [compile_variant(v, ARCHES[arch]) for v in variants()
             if name_filter in (v.name or v.kernel.__name__)]
 

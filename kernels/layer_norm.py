@@ -300,7 +300,7 @@ MAX_BLOCK_N = 4096  # widest row held in registers in one pass; wider rows loop 
 MIN_BLOCK_N = 256  # narrower rows share one config (masked lanes cost nothing that matters)
 REDUCE_BLOCK_P, REDUCE_BLOCK_N, REDUCE_WARPS = 16, 128, 4
 BWD_PROGRAMS_PER_SM = 4  # backward programs per SM (fixed per device: fixed summation order)
-INTERPRETER_BWD_PROGRAMS = 4  # the interpreter runs programs one after another
+INTERPRETER_BWD_PROGRAMS = 4  # few: the interpreter runs programs one by one; several rows each
 
 
 @dataclass(frozen=True)
@@ -325,8 +325,9 @@ def row_configs() -> list[RowConfig]:
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """t as (M, n) rows. A view when the leading dims flatten without a copy (e.g. contiguous, or
-    a slice along dim 0); otherwise `reshape` copies. The last dim already has unit stride."""
+    """t as (M, n) rows, M = all leading dims. A view whenever the leading dims flatten without a
+    copy (contiguous, or rows spaced by a stride such as a column slice x[..., :n]); otherwise
+    (e.g. transposed leading dims) `reshape` copies. The last dim already has unit stride."""
     return t.reshape(-1, n)
 
 
@@ -400,7 +401,8 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
     checks.triton_device("layer_norm", dy=dy, ds=ds)
     for name, t in (("dy", dy), ("ds", ds)):
         checks.require(t is None or t.shape == s.shape,
-                       f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} != input shape {tuple(s.shape)}")
+                       f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} "
+                       f"!= input shape {tuple(s.shape)}")
     s2, dy2 = _rows(s, n), _rows(dy, n)
     m = s2.shape[0]
     for name, t in (("mean", mean), ("rstd", rstd)):

@@ -34,8 +34,8 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the big tiles feed wgmma / mma on large GEMMs,
 # the small ones keep every SM busy when M (batch * seq) or a width is small.
-_TILES = [(128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-          (64, 64, 64, 4, 3), (32, 64, 32, 2, 5)]
+_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+          (64, 64, 64, 4, 3), (32, 64, 32, 4, 4)]
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in _TILES]
 
@@ -44,13 +44,21 @@ def _tile(cfg: triton.Config) -> int:
     return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"]
 
 
+def _fits_epilogue(cfg: triton.Config, epilogue: str) -> bool:
+    """Epilogues that read or write a second tile or evaluate GELU spill registers (compile report,
+    sm_90) above 64 fp32 accumulators per thread; a plain "linear" store takes any tile."""
+    return epilogue == "linear" or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 32 * cfg.num_warps
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (a 128-row tile for M = 16 wastes 7/8 of it)."""
+    """Keep the tiles the epilogue fits, minus tiles far larger than the problem (a 128-row tile
+    for M = 16 wastes 7/8 of it)."""
     if registry.interpreting():  # the interpreter would time every config on the CPU: run one small tile
         return [min(configs, key=_tile)]
-    m, n, k = (triton.next_power_of_2(named_args[d]) for d in ("M", "N", "K"))
-    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m) and c.kwargs["BLOCK_N"] <= max(64, n)
-           and c.kwargs["BLOCK_K"] <= max(32, k)]
+    args = {**named_args, **kwargs}
+    m, n, k = (triton.next_power_of_2(args[d]) for d in ("M", "N", "K"))
+    fit = [c for c in configs if _fits_epilogue(c, args["EPILOGUE"]) and c.kwargs["BLOCK_M"] <= max(32, m)
+           and c.kwargs["BLOCK_N"] <= max(64, n) and c.kwargs["BLOCK_K"] <= max(32, k)]
     return fit or [min(configs, key=_tile)]
 
 
@@ -332,7 +340,8 @@ def _compile_variants():
             signature = {**pointers, **ints, **dict.fromkeys((*constexprs, *meta), "constexpr")}
             gelu = f" {approximate}" if "gelu" in epilogue else ""
             yield from compile_report.autotune_variants(
-                _mlp_matmul_kernel, signature, constexprs, f"{dtype} {label} {epilogue}{gelu}", (*pointers, *ints))
+                _mlp_matmul_kernel, signature, constexprs, f"{dtype} {label} {epilogue}{gelu}", (*pointers, *ints),
+                keep=lambda cfg, epilogue=epilogue: _fits_epilogue(cfg, epilogue))
 
 
 compile_report.register_variants(_compile_variants)

@@ -84,7 +84,8 @@ def load_hf(directory: str | os.PathLike, **overrides) -> GPT:
         for name, param in model.state_dict().items():  # tensors sharing the parameters' storage
             key = name.removeprefix("transformer.")
             if key == "lm_head.weight" and config.tie_embeddings:
-                continue  # the same tensor as wte.weight
+                used.add(key)  # the same tensor as wte.weight (some checkpoints store it twice)
+                continue
             if key not in weights:
                 raise TritonGPTError(f"load_hf: checkpoint in {directory} has no tensor {key!r}")
             src = weights[key].t() if key.endswith(CONV1D_WEIGHTS) else weights[key]

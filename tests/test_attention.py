@@ -219,18 +219,27 @@ def test_preallocated_outputs_are_checked(device):
         attn.flash_attn_fwd(q, k, v, True, 0.25, None, None, out=torch.empty_like(q, dtype=torch.float16))
 
 
-def test_autotune_pruning():
-    """On a GPU every kernel keeps at least one config for every head dim and dtype, and D=256 drops
-    the big tiles; under the interpreter exactly one config runs."""
+def test_autotune_pruning(monkeypatch):
+    """Every kernel keeps a config for every head dim in fp16/bf16 and D=256 drops the big tiles;
+    fp32 at D=256 falls back to one single-stage config; short sequences drop long blocks; under
+    the interpreter exactly one config runs."""
     tables = {"fwd": attn._FWD_CONFIGS, "dq": attn._DQ_CONFIGS, "dkdv": attn._DKDV_CONFIGS}
+
+    def prune(kind, dtype, t, s, d):
+        q = torch.empty(1, t, 2, d, dtype=dtype)
+        return attn._pruner(kind)(tables[kind], {"Q": q, "HEAD_DIM": d}, t_bucket=t, s_bucket=s)
+
     for kind, configs in tables.items():
-        for d in attn.HEAD_DIMS:
-            for elem in (2, 4):
-                assert any(attn.fits(kind, c, d, elem) for c in configs), (kind, d, elem)
-        assert not all(attn.fits(kind, c, 256, 2) for c in configs), kind
         if registry.interpreting():
-            q = torch.empty(1, 300, 2, 64)
-            assert len(attn._pruner(kind)(configs, {"Q": q, "T": 300, "S": 300, "HEAD_DIM": 64})) == 1
+            assert len(prune(kind, torch.float16, 4096, 4096, 64)) == 1
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        for d in attn.HEAD_DIMS:
+            assert any(attn.fits(kind, c, d, 2) for c in configs), (kind, d)
+        assert not all(attn.fits(kind, c, 256, 2) for c in configs), kind
+        assert [c.num_stages for c in prune(kind, torch.float32, 4096, 4096, 256)] == [1]
+        assert all(c.kwargs["BLOCK_M"] <= 64 for c in prune(kind, torch.float16, 1, 4096, 64))
+        assert len(prune(kind, torch.float16, 4096, 4096, 64)) > 1
+        monkeypatch.undo()
 
 
 # ----------------------------------------------------------------------------------------------

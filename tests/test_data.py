@@ -107,7 +107,7 @@ def test_shard_round_trip(tmp_path):
     path = write_shard(tmp_path / "s.bin", tokens)
     header = np.fromfile(path, dtype="<i4", count=256)
     assert header[:3].tolist() == [MAGIC, 1, 1000] and not header[3:].any()
-    assert path.stat().st_size == HEADER_BYTES + 2 * 1000
+    assert path.stat().st_size == HEADER_BYTES + 2 * 1000 and read_header(path) == 1000
     np.testing.assert_array_equal(read_shard(path), tokens)
     assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]  # no temp file left behind
 

@@ -107,7 +107,8 @@ WIDTHS = [1, 7, 768, 1000, 4099]  # 4099: two chunks, the second 3 wide
 
 
 @pytest.mark.parametrize("n,rows,dtype", [(n, rows, torch.float32) for n in WIDTHS for rows in (1, 3, 37)]
-                         + [(n, 3, torch.float16) for n in WIDTHS] + [(1000, 37, torch.float16)])
+                         + [(n, 3, torch.float16) for n in WIDTHS] + [(1000, 37, torch.float16)],
+                         ids=lambda v: str(v).removeprefix("torch."))
 def test_kernels_match_float64(n, rows, dtype, device):
     """Weight, bias and residual all present (every load and store of both kernels in use).
     Every width with 1, 3 and 37 rows in fp32 (37 rows: several per backward program); fp16
@@ -136,11 +137,12 @@ def test_eps_is_used(device):
 
 
 def test_chunked_rows_wider_than_one_block(device):
-    """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass); 9
-    rows over the backward's programs make each program sum several rows' partials."""
+    """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass); 5
+    rows over the backward's programs (4 under the interpreter) make a program sum several rows'
+    partial dweight/dbias."""
     n = 2 * ln.MAX_BLOCK_N + 5
     assert not ln.row_config(n).one_pass
-    inp = make_inputs((9,), n, torch.float32, device, residual=True, seed=11)
+    inp = make_inputs((5,), n, torch.float32, device, residual=True, seed=11)
     check_all(run_launchers(**inp), float64_reference(**inp), torch.float32, n, inp["ds"])
 
 
@@ -177,7 +179,7 @@ def test_autograd_through_custom_ops(weight, bias, residual, device):
     """The public functional (registered `triton` backend): any leading shape, grads of x,
     weight, bias, and of the residual (= grad of x, including what flowed into s)."""
     dtype = torch.float32
-    inp = make_inputs((2, 3, 4), 200, dtype, device, weight, bias, residual, seed=21)
+    inp = make_inputs((2, 3, 2), 200, dtype, device, weight, bias, residual, seed=21)
     (y, s), grads = grads_through_autograd(inp)
     ey, es, _, _, edx, edw, edb = float64_reference(**inp)
     assert_rel_close(y, ey, tol(dtype), "y")
@@ -192,7 +194,7 @@ def test_autograd_through_custom_ops(weight, bias, residual, device):
 
 
 def test_grads_are_bitwise_deterministic(device):
-    inp = make_inputs((37,), 700, torch.float32, device, residual=True, seed=5)
+    inp = make_inputs((9,), 300, torch.float32, device, residual=True, seed=5)
     _, first = grads_through_autograd(inp)
     _, second = grads_through_autograd(inp)
     for name in first:
@@ -244,39 +246,45 @@ def test_torch_compile_fullgraph(device):
 
 # --- bad input: one TritonGPTError before anything is written --------------------------------
 
-def _bad_inputs(device):
-    x = torch.randn(4, 32, device=device)
-    w = torch.randn(32, device=device)
-    return [
-        ("dtype", dict(x=x, weight=w.half())),
-        ("shape", dict(x=x, weight=torch.randn(31, device=device))),
-        ("shape", dict(x=x, bias=torch.randn(32, 1, device=device))),
-        ("residual shape", dict(x=x, residual=torch.randn(4, 31, device=device))),
-        ("contiguous", dict(x=torch.randn(32, 4, device=device).t())),
-        ("float64", dict(x=x.double(), weight=w.double())),
-        ("floating point", dict(x=torch.ones(4, 32, dtype=torch.int32, device=device))),
-    ]
+# words the error must contain -> bad inputs, from a good x (4, 32) and weight (32,)
+BAD_INPUTS = {
+    "weight has dtype": lambda x, w: dict(x=x, weight=w.half()),
+    "weight must have shape": lambda x, w: dict(x=x, weight=w[:31]),
+    "bias must have shape": lambda x, w: dict(x=x, bias=w[:, None]),
+    "residual shape": lambda x, w: dict(x=x, residual=x[:, :31]),
+    "contiguous in its last dim": lambda x, w: dict(x=x.t().contiguous().t()),
+    "float64": lambda x, w: dict(x=x.double(), weight=w.double()),
+    "floating point": lambda x, w: dict(x=x.int()),
+}
 
 
-@pytest.mark.parametrize("case", range(7))
-def test_bad_input_raises_before_writing(case, device):
-    words, kwargs = _bad_inputs(device)[case]
+@pytest.mark.parametrize("words", BAD_INPUTS)
+def test_bad_input_raises_before_writing(words, device):
+    kwargs = BAD_INPUTS[words](torch.randn(4, 32, device=device), torch.randn(32, device=device))
     x = kwargs["x"]
     m = x.numel() // x.shape[-1]
     out = (poison(torch.empty(x.shape, device=device)), torch.empty(0, device=device),
            poison(torch.empty(m, device=device)), poison(torch.empty(m, device=device)))
     with pytest.raises(TritonGPTError, match=words):
-        ln.layer_norm_fwd(kwargs["x"], kwargs.get("weight"), kwargs.get("bias"), kwargs.get("residual"), EPS, out=out)
+        ln.layer_norm_fwd(x, kwargs.get("weight"), kwargs.get("bias"), kwargs.get("residual"), EPS, out=out)
     assert all(t.isnan().all() for t in out), "an output was written before the error"
     with pytest.raises(TritonGPTError, match=words):  # the same error through the custom op
         ln.layer_norm(**kwargs)
 
 
-def test_bad_out_and_eps(device):
+def test_bad_out_eps_and_grads(device):
     x = torch.randn(4, 32, device=device)
+    _, _, mean, rstd = ln.layer_norm_fwd(x, None, None, None, EPS)
+    with pytest.raises(TritonGPTError, match="dy shape"):
+        ln.layer_norm_bwd(x[:3], None, x, None, mean, rstd, False)
+    with pytest.raises(TritonGPTError, match="ds has dtype"):
+        ln.layer_norm_bwd(x, x.half(), x, None, mean, rstd, False)
+    with pytest.raises(TritonGPTError, match="mean must be fp32"):
+        ln.layer_norm_bwd(x, None, x, None, mean[:3], rstd, False)
     with pytest.raises(TritonGPTError, match="eps"):
         ln.layer_norm(x, eps=0.0)
-    wrong = (torch.empty(4, 32, device=device, dtype=torch.float16), x.new_empty(0), x.new_empty(4), x.new_empty(4))
+    wrong = (torch.empty(4, 32, device=device, dtype=torch.float16), x.new_empty(0),
+             x.new_empty(4), x.new_empty(4))
     with pytest.raises(TritonGPTError, match="out y"):
         ln.layer_norm_fwd(x, None, None, None, EPS, out=wrong)
 
@@ -303,7 +311,7 @@ def test_gpu_large_within_2x_pytorch_error(n, dtype):
             continue
         ours_err, theirs_err = rel_err(a, e.reshape(a.shape)), rel_err(theirs[name], e.reshape(a.shape))
         assert ours_err <= tol(dtype), f"{name}: relative error {ours_err:.3g} > {tol(dtype)}"
-        assert ours_err <= 2 * theirs_err or ours_err <= 1e-6, (
+        assert ours_err <= 2 * theirs_err, (
             f"{name}: relative error {ours_err:.3g} > 2x PyTorch's {theirs_err:.3g}")
 
 

@@ -122,6 +122,9 @@ def test_refuses_to_overwrite_without_force(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train_000000.bin", "val_000000.bin"]
     assert meta["tokens"]["train"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "out"]  # no temp dirs left
+    with pytest.raises(TritonGPTError, match="holds the source file"):
+        prepare(tmp_path / "c.txt", tmp_path, workers=1, force=True, progress=False)
+    assert (tmp_path / "c.txt").is_file()
 
 
 def test_bad_input_writes_nothing(tmp_path):

@@ -23,6 +23,7 @@ from tritongpt.data.prepare import prepare
 from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
 from tritongpt.train import checkpoint, config, trainer
+from tritongpt.train.sample import stream_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,12 +164,14 @@ def test_lr_schedule():
     assert lrs[100:] == [1e-4] * 20
 
 
-def test_decode_stream_waits_for_whole_characters():
+def test_stream_text_waits_for_whole_characters():
     enc = get_encoding("gpt2")
     text = "naïve café — 日本語 🎉 done"
     tokens = enc.encode(text)
     assert any(not _is_utf8(enc.decode_single_token_bytes(t)) for t in tokens)  # some tokens split characters
-    assert trainer.decode_stream(enc, tokens) == text
+    pieces = list(stream_text(enc, [torch.tensor([t]) for t in tokens]))
+    assert "".join(pieces) == text
+    assert len(pieces) > 1 and all("\ufffd" not in p for p in pieces)  # streamed, never a broken character
 
 
 def _is_utf8(b: bytes) -> bool:
@@ -214,3 +217,15 @@ def test_default_command_prepares_tinyshakespeare(tmp_path):
     sampled = subprocess.run(cmd + ["sample", "--ckpt", str(out), "--max-new-tokens", "20"], env=env,
                              capture_output=True, text=True)
     assert sampled.returncode == 0 and sampled.stdout.strip(), sampled.stderr
+
+
+def test_sample_command_from_hf_directory(tmp_path, capsys):
+    from tritongpt.model import GPT, GPTConfig
+    from tritongpt.model.hf import save_hf
+
+    torch.manual_seed(0)
+    save_hf(GPT(GPTConfig.from_preset("tiny", n_layer=1, backend="torch")), tmp_path / "hf")
+    assert main(["sample", "--hf", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--device", "cpu", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hello") and len(out) > len("Hello\n")

@@ -26,8 +26,8 @@ def test_precedence_defaults_preset_toml_flags(tmp_path):
     assert cfg.warmup_steps == 5
     assert cfg.lr == 1e-3  # TOML beats the tiny preset's lr
     assert cfg.lr != TRAIN_PRESETS["tiny"]["lr"]
-    assert cfg.batch_size == TRAIN_PRESETS["tiny"]["batch_size"]  # preset beats default
-    assert cfg.batch_size != TrainConfig.__dataclass_fields__["batch_size"].default
+    assert cfg.max_steps == TRAIN_PRESETS["tiny"]["max_steps"]  # preset beats default
+    assert cfg.max_steps != TrainConfig.__dataclass_fields__["max_steps"].default
     assert cfg.model.n_embd == GPTConfig.from_preset("tiny").n_embd  # the model preset
     assert cfg.beta1 == 0.9  # untouched default
 

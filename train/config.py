@@ -95,8 +95,8 @@ _HINTS = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfi
 _GPT2_RUN = dict(batch_size=16, grad_accum=4, max_steps=600, lr=6e-4, min_lr=6e-5, warmup_steps=50,
                  eval_interval=100, eval_steps=20, log_interval=10, ckpt_interval=200, dropout=0.1)
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_size=16, max_steps=500, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                 eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=250, weight_decay=0.1),
+    "tiny": dict(batch_size=8, max_steps=400, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                 eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
     "small": dict(batch_size=8, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                   eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
     "gpt2": _GPT2_RUN,
@@ -231,18 +231,11 @@ def _describe(hint: Any) -> str:
 
 
 def metavar(key: str) -> str:
-    """The placeholder shown in --help for field `key`."""
+    """The placeholder shown in --help for field `key`: INT, FLOAT, {auto,bf16,...}, ..."""
     hint = _HINTS[key]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return "{" + ",".join(args) + "}"
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return metavar_of(inner[0]) if len(inner) == 1 else "VALUE"
-    return metavar_of(hint)
-
-
-def metavar_of(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None shows as X
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else None
     if typing.get_origin(hint) is Literal:
         return "{" + ",".join(typing.get_args(hint)) + "}"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(hint, "VALUE")

@@ -105,11 +105,3 @@ def gather(d: Dist, obj: Any) -> list[Any]:
     dist.all_gather_object(out, obj)
     return out
 
-
-def broadcast(d: Dist, obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+from collections.abc import Iterable, Iterator
 
 HELP = "stream text from a checkpoint (--ckpt) or a Hugging Face GPT-2 directory (--hf)"
 
@@ -53,10 +54,21 @@ def run(args: argparse.Namespace) -> int:
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(args.prompt)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                       top_p=args.top_p, generator=generator):
-        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(int(token[0]))))
+    tokens = model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                   top_p=args.top_p, generator=generator)
+    for piece in stream_text(enc, tokens):
+        sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sys.stdout.write("\n")
     return 0
+
+
+def stream_text(enc, tokens: Iterable) -> Iterator[str]:
+    """The text of a stream of tokens (ints or 1-element tensors), piece by piece as they come.
+    A token that ends inside a UTF-8 character yields nothing until the character is complete."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if piece := decoder.decode(enc.decode_single_token_bytes(int(token))):
+            yield piece
+    if tail := decoder.decode(b"", final=True):
+        yield tail

@@ -20,7 +20,6 @@ and on GPUs missing from the table.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import dataclasses
 import json
@@ -190,6 +189,8 @@ class Trainer:
                   f"{d.world_size}; {cfg.tokens_per_step * d.world_size} tokens/step; backends "
                   + ", ".join(f"{op}={name}" for op, name in self.backends.items())
                   + (f"; resuming at step {self.step}" if self.step else ""))
+            if cfg.resume and not self.step:
+                print(f"--resume: no checkpoint in {self.out} yet, so starting at step 0")
         previous = self._install_signal_handlers()
         try:
             self._loop()
@@ -300,6 +301,7 @@ class Trainer:
         """A sample from the model, starting at the eot token, with a fixed seed (the training RNG
         is not touched)."""
         from tritongpt.data.tokenizer import get_encoding
+        from tritongpt.train.sample import stream_text
 
         enc = get_encoding(self.tokenizer)
         start = self.eot_id if self.eot_id is not None else enc.eot_token
@@ -308,10 +310,10 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         with self._autocast():
-            tokens = [int(t.reshape(-1)[0]) for t in self.model.generate_stream(
-                idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)]
+            text = "".join(stream_text(enc, self.model.generate_stream(
+                idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)))
         self.model.train(was_training)
-        return decode_stream(enc, tokens)
+        return text
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -428,13 +430,6 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.drawn = False
-
-
-def decode_stream(enc, tokens) -> str:
-    """Decode token ids one at a time as a stream would (incomplete UTF-8 waits for its bytes)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text = "".join(decoder.decode(enc.decode_single_token_bytes(t)) for t in tokens)
-    return text + decoder.decode(b"", final=True)
 
 
 def plot_losses(metrics: Path, png: Path) -> Path | None:

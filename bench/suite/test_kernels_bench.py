@@ -1,0 +1,61 @@
+"""pytest-benchmark suite over the kernels of `tritongpt bench`: every registered backend and
+peer of attention, layer_norm and mlp, forward / backward / forward+backward, on the same
+sweep of shapes (tiny shapes on a CPU, real ones on a GPU).
+
+    python -m pytest bench/suite --benchmark-only
+    python -m pytest bench/suite --benchmark-only -k "attention and triton and fwd+bwd"
+    python -m pytest bench/suite --benchmark-only --benchmark-json bench.json
+
+Rows that cannot run (a backend without a GPU, the Triton interpreter, an unsupported shape,
+out of memory) are skipped with the reason. Each benchmark's extra_info holds the op, case,
+mode and the work of one call (FLOPs or bytes) so throughput can be computed from its times.
+Errors against the reference and the device's ceilings are in `tritongpt bench`, not here.
+"""
+
+import pytest
+import torch
+
+from tritongpt.bench import kernels
+from tritongpt.bench.report import describe_error
+
+DEVICE = kernels.default_device()
+DTYPE = kernels.default_dtype(DEVICE)
+QUICK = DEVICE.type != "cuda"  # tiny shapes on a CPU
+
+
+def _params():
+    for op in kernels.OPS:
+        found, _ = kernels.providers(op, DEVICE)
+        for case in kernels.sweep(op, QUICK):
+            for provider in found:
+                reason = provider.note if provider.make is None or not provider.timed else ""
+                marks = [pytest.mark.skip(reason=f"{provider.name}: {reason}")] if reason else []
+                for mode in kernels.MODES:
+                    name = f"{op}-{provider.name}-{case.shape.replace(' ', '_')}-{mode}"
+                    yield pytest.param(case, provider, mode, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("case, provider, mode", list(_params()))
+def test_kernel(benchmark, case, provider, mode):
+    with provider.scope():
+        _bench(benchmark, case, provider, mode)
+
+
+def _bench(benchmark, case, provider, mode):
+    sets = kernels.input_sets(case, DTYPE, DEVICE)
+    try:
+        run = kernels.runner(mode, provider.make(), sets, kernels.op_kwargs(case))
+        run()  # compiles, autotunes, or fails here rather than inside the timing
+    except Exception as exc:  # unsupported case, out of memory: skipped, with the reason
+        pytest.skip(describe_error(exc))
+
+    def call():
+        run()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    unit, amount = kernels.work(case, mode, DTYPE)
+    benchmark.extra_info.update(op=case.op, provider=provider.name, mode=mode, shape=case.shape,
+                                dtype=str(DTYPE).removeprefix("torch."), unit=unit, work_per_call=amount,
+                                cpu_times=QUICK)
+    benchmark(call)

@@ -1,0 +1,254 @@
+"""`tritongpt bench`: the quick suite runs on the CPU end to end and its files agree with each
+other; FLOP/byte counts and sweeps match the issue; failures become rows, not crashes."""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritongpt.bench import kernels, report, step
+from tritongpt.cli import main
+from tritongpt.kernels import registry
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER_FIELDS = ("tool", "command", "date", "device", "device_type", "torch", "triton", "dtype", "quick",
+                 "timer", "ceilings", "skipped")
+QUICK_STEP = ["--batch-size", "1", "--seq-len", "16", "--steps", "1"]  # the interpreter runs each step
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`tritongpt bench all --quick` on this machine (CPU: torch backends timed, Triton on the
+    interpreter for correctness), run once for the tests below."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    rc, stdout = _run(["bench", "all", "--quick", "--no-compile", "--out", str(out_dir), *QUICK_STEP])
+    (json_path,) = out_dir.glob("*.json")
+    data = json.loads(json_path.read_text())
+    return rc, stdout, out_dir, json_path, data
+
+
+def test_quick_run_succeeds_and_prints_table(quick_run):
+    rc, stdout, _, json_path, _ = quick_run
+    assert rc == 0, stdout
+    for title in ("== attention ==", "== layer_norm ==", "== mlp ==", "== step =="):
+        assert title in stdout
+    assert f"wrote {json_path}" in stdout
+    if not torch.cuda.is_available():
+        assert "CPU TIMES" in stdout
+
+
+def test_json_header(quick_run):
+    *_, data = quick_run
+    head = data["header"]
+    for name in HEADER_FIELDS:
+        assert name in head, name
+    assert head["torch"] == torch.__version__ and head["quick"] is True
+    assert head["ceilings"]["copy_gbps"] > 0 and head["ceilings"]["matmul_tflops"] > 0
+    assert head["cpu_times"] == (not torch.cuda.is_available())
+    assert head["date"][:4].isdigit() and "T" in head["date"]
+
+
+def test_csv_rows_match_json_rows(quick_run):
+    _, _, _, json_path, data = quick_run
+    text = json_path.with_suffix(".csv").read_text()
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    for key in ("device", "torch", "triton", "date"):
+        assert any(line.startswith(f"# {key}: {data['header'][key]}") for line in comments), key
+    rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
+    assert len(rows) == len(data["rows"]) > 0
+    for from_csv, from_json in zip(rows, data["rows"]):
+        assert list(from_csv) == list(report.COLUMNS) == list(from_json)
+        for key, value in from_json.items():
+            if value is None:
+                assert from_csv[key] == "", key
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert float(from_csv[key]) == value, key
+            else:
+                assert from_csv[key] == str(value), key
+
+
+def test_every_registered_backend_appears(quick_run):
+    rows = quick_run[-1]["rows"]
+    for op in kernels.OPS:
+        providers = {r["provider"] for r in rows if r["op"] == op}
+        assert set(registry.backends(op)) <= providers, (op, providers)
+    assert [r["provider"] for r in rows if r["op"] == "step"] == [c.name for c in step.combos(compile=False)]
+
+
+def test_errors_finite_and_small(quick_run):
+    device = kernels.default_device()
+    tol = kernels.tolerance(kernels.default_dtype(device), device)
+    for r in [r for r in quick_run[-1]["rows"] if r["op"] in kernels.OPS]:
+        assert kernels.FLAG not in r["note"], r
+        if r["provider"] == "triton" and not registry.triton_usable(device):
+            continue  # a row saying it needs CUDA or the interpreter
+        assert r["err_out"] is not None and r["err_grad"] is not None, r
+        assert math.isfinite(r["err_out"]) and math.isfinite(r["err_grad"]), r
+        if device.type == "cpu":  # fp32 vs float64; on a GPU the limit is also 2x PyTorch's error
+            assert r["err_out"] <= tol and r["err_grad"] <= tol, r
+
+
+def test_timed_rows_and_interpreter_rows(quick_run):
+    rows = [r for r in quick_run[-1]["rows"] if r["op"] in kernels.OPS]
+    for r in rows:
+        if registry.interpreting() and r["provider"] == "triton":
+            assert r["ms"] is None and r["note"] == kernels.INTERPRETER_NOTE, r  # never timed
+        elif r["provider"] in ("torch", "sdpa"):
+            unit = "gbps" if r["op"] == "layer_norm" else "tflops"
+            assert r["ms"] > 0 and r[unit] > 0 and r["pct_peak"] > 0, r
+            if r["provider"] == kernels.BASELINE:
+                assert r["speedup"] == 1.0
+    assert any(r["provider"] == "triton" for r in rows)
+
+
+def test_step_losses_agree(quick_run):
+    rows = [r for r in quick_run[-1]["rows"] if r["op"] == "step"]
+    base = next(r for r in rows if r["provider"] == step.BASELINE)
+    assert base["ms"] > 0 and base["tokens_per_s"] > 0 and base["loss"] > 0
+    compared = [r for r in rows if r["loss"] is not None]
+    assert len(compared) >= 2 if registry.triton_usable() else len(compared) >= 1
+    for r in compared:
+        assert abs(r["loss"] - base["loss"]) <= 1e-4 * base["loss"], r
+        assert step.LOSS_FLAG not in r["note"], r
+
+
+def test_plots_written(quick_run):
+    pytest.importorskip("matplotlib")
+    _, _, out_dir, json_path, _ = quick_run
+    for op in (*kernels.OPS, "step"):
+        png = out_dir / f"{json_path.stem}_{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+def test_sweeps_follow_the_issue():
+    attention = kernels.sweep("attention", quick=False)
+    assert {c["B"] * c["T"] for c in attention} == {16384}
+    assert {c["H"] * c["D"] for c in attention} == {2048}
+    assert {c["D"] for c in attention} == {64, 128} and {c.causal for c in attention} == {True, False}
+    assert min(c["T"] for c in attention) == 512 and max(c["T"] for c in attention) == 16384
+    norms = kernels.sweep("layer_norm", quick=False)
+    assert {c["M"] for c in norms} == {16384} and (min(c["N"] for c in norms), max(c["N"] for c in norms)) == (768, 8192)
+    mlps = kernels.sweep("mlp", quick=False)
+    assert {c["M"] for c in mlps} == {16384} and (min(c["C"] for c in mlps), max(c["C"] for c in mlps)) == (768, 4096)
+    assert all(c["H"] == 4 * c["C"] for c in mlps)
+
+
+def test_work_counts():
+    full = kernels.Case("attention", (("B", 2), ("T", 8), ("H", 3), ("D", 4)), 8, causal=False)
+    causal = kernels.Case("attention", full.dims, 8, causal=True)
+    assert kernels.work(full, "fwd", torch.bfloat16) == ("tflops", 4 * 2 * 3 * 8 * 8 * 4)
+    assert kernels.work(causal, "fwd", torch.bfloat16)[1] == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert kernels.work(full, "bwd", torch.bfloat16)[1] == 2.5 * kernels.work(full, "fwd", torch.bfloat16)[1]
+    mlp = kernels.Case("mlp", (("M", 5), ("C", 6), ("H", 24)), 6)
+    assert kernels.work(mlp, "fwd", torch.float32) == ("tflops", 2 * (2 * 5 * 6 * 24))
+    assert kernels.work(mlp, "bwd", torch.float32)[1] == 4 * (2 * 5 * 6 * 24)
+    norm = kernels.Case("layer_norm", (("M", 7), ("N", 9)), 9)
+    assert kernels.work(norm, "fwd", torch.bfloat16) == ("gbps", 2 * (2 * 7 * 9 + 2 * 9))
+    assert kernels.work(norm, "fwd+bwd", torch.float32)[1] == 4 * (5 * 7 * 9 + 5 * 9)
+
+
+def _tiny_norm_rows(*extra: kernels.Provider) -> list[dict]:
+    device = torch.device("cpu")
+    timer = kernels.Timer(device, quick=True)
+    found = [p for p in kernels.providers("layer_norm", device, compile=False)[0] if p.name == "torch"]
+    case = kernels.sweep("layer_norm", quick=True)[0]
+    return kernels.run_case(case, found + list(extra), device=device, dtype=torch.float32, timer=timer,
+                            ceiling={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+
+
+def test_broken_provider_gives_rows_with_a_note():
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+    rows = _tiny_norm_rows(kernels.Provider("broken", lambda: lambda *a, **k: broken(), "peer"))
+    bad = [r for r in rows if r["provider"] == "broken"]
+    assert len(bad) == len(kernels.MODES)
+    assert all(r["ms"] is None and "RuntimeError: no kernel for this shape" in r["note"] for r in bad)
+    assert all(r["ms"] > 0 for r in rows if r["provider"] == "torch")
+
+
+def test_wrong_provider_is_flagged():
+    torch_norm = registry.resolve("layer_norm", "torch")
+    off = kernels.Provider("off-by-1%", lambda: lambda x, w, b, eps: torch_norm(x, w * 1.01, b, eps), "peer")
+    rows = _tiny_norm_rows(off)
+    wrong = [r for r in rows if r["provider"] == "off-by-1%"]
+    assert all(kernels.FLAG in r["note"] and r["err_out"] > 1e-3 for r in wrong)
+    assert not any(kernels.FLAG in r["note"] for r in rows if r["provider"] == "torch")
+
+
+def test_second_run_does_not_replace_files(tmp_path):
+    head = {"tool": "tritongpt bench", "command": "x", "date": "2026-01-02T03:04:05+00:00", "device": "Some GPU",
+            "torch": "t", "triton": "tr", "dtype": "bfloat16", "timer": "do_bench", "ceilings": {}, "skipped": []}
+    rows = [report.blank_row(op="layer_norm", provider="torch", mode="fwd", series="layer_norm", shape="M=1 N=2",
+                             size=2, ms=1.5, gbps=2.0)]
+    first = report.write(tmp_path, head, rows)
+    second = report.write(tmp_path, head, rows)
+    assert first[0].name == "Some-GPU_2026-01-02.json" and second[0].name == "Some-GPU_2026-01-02_2.json"
+    assert json.loads(first[0].read_text())["rows"][0]["ms"] == 1.5
+    assert report.read_csv(second[1]) == [{**rows[0], "size": 2.0}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["step", "--preset", "nope"], "unknown model preset 'nope'"),
+    (["mlp", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main(["bench", *argv, "--quick", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("keep me")
+    assert main(["bench", "layer_norm", "--quick", "--out", str(path)]) == 2
+    assert "is not a directory" in capsys.readouterr().err and path.read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_quick_run_with_torch_compile(tmp_path):
+    """torch.compile peers and combinations (slow to compile on a CPU)."""
+    rc, stdout = _run(["bench", "all", "--quick", "--out", str(tmp_path), *QUICK_STEP])
+    assert rc == 0, stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    compiled = [r for r in data["rows"] if r["provider"] == kernels.COMPILE]
+    assert {r["op"] for r in compiled} == set(kernels.OPS)
+    assert all(r["ms"] > 0 and r["err_out"] <= 1e-5 for r in compiled), compiled
+    assert any(r["provider"] == "compile+sdpa" and r["ms"] for r in data["rows"])
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_suite_runs():
+    result = subprocess.run([sys.executable, "-m", "pytest", "bench/suite", "-q", "-p", "no:cacheprovider",
+                             "--benchmark-only", "--benchmark-max-time=0.01", "--benchmark-min-rounds=1",
+                             "-k", "layer_norm and not compile"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_quick_attention_is_timed(tmp_path):
+    rc, stdout = _run(["bench", "attention", "--quick", "--no-compile", "--out", str(tmp_path)])
+    assert rc == 0, stdout
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    ours = [r for r in rows if r["provider"] == "triton"]
+    assert ours and all(r["ms"] > 0 and r["tflops"] > 0 and r["peak_mem_mb"] is not None for r in ours)
+    assert {r["provider"] for r in rows} >= {"sdpa-flash", "sdpa-math"}

@@ -1,0 +1,128 @@
+"""The `tritongpt` command: help for every (sub)command, `kernels list` / `kernels compile`, and
+bad input reported as one line with exit code 2.
+
+    python -m pytest -q tests/test_cli_kernels.py
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tritongpt import cli
+from tritongpt.kernels import registry
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix=()):
+    """Every (sub)command path below `parser`, e.g. ("kernels",), ("kernels", "compile")."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from command_paths(sub, (*prefix, name))
+
+
+PATHS = list(command_paths(cli.build_parser()))
+
+
+def run_main(argv, capsys):
+    """(exit code, stdout, stderr) of cli.main(argv); argparse exits count as exit codes."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def console_script() -> list[str]:
+    """The installed `tritongpt` entry point (next to this Python), else `python -m tritongpt`."""
+    script = shutil.which("tritongpt", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "tritongpt"]
+
+
+def without_interpreter() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_every_command_is_listed_in_help(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_commands_cover_the_registered_modules():
+    assert {p[0] for p in PATHS} == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=" ".join)
+def test_help_of_each_command(path, capsys):
+    code, out, err = run_main([*path, "--help"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"usage: tritongpt {' '.join(path)}")
+    if len(path) == 1:  # the module docstring starts with the exact commands to run
+        module = __import__(cli.COMMANDS[path[0]], fromlist=["HELP"])
+        first_command = next(line.strip() for line in module.__doc__.splitlines()[1:] if line.strip())
+        assert first_command.startswith(("tritongpt ", "torchrun ", "python ")), first_command
+        assert first_command.split("#")[0].strip() in out
+
+
+def test_kernels_list(capsys):
+    code, out, _ = run_main(["kernels", "list"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(registry.OP_FLAGS)
+    for op, line in zip(registry.OP_FLAGS, lines):
+        assert line.split()[:2] == [op, f"--{registry.OP_FLAGS[op]}"]
+        assert ", ".join(registry.backends(op)) in line
+    assert "triton, torch" not in out and "torch, triton" in out  # layer_norm's, sorted
+
+
+@pytest.mark.skipif(not registry.interpreting(), reason="interpreter not on")
+def test_kernels_compile_refuses_the_interpreter(capsys):
+    code, out, err = run_main(["kernels", "compile", "--arch", "sm_90"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == ["tritongpt kernels: error: the compile report needs compilable kernels: "
+                                        "unset TRITON_INTERPRET"]
+
+
+def test_kernels_compile_console_script():
+    out = subprocess.run([*console_script(), "kernels", "compile", "--arch", "sm_80", "--filter",
+                          "_layer_norm_bwd_reduce"], capture_output=True, text=True, env=without_interpreter(),
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("# compile report for sm_80: 3/3 ok")
+    assert len(lines) == 3 + 3 and all(" ok " in line for line in lines[3:])  # title, header, rule, rows
+
+
+def test_bad_arch_is_one_line_exit_2_console_script():
+    out = subprocess.run([*console_script(), "kernels", "compile", "--arch", "sm_99"],
+                         capture_output=True, text=True, env=without_interpreter(), timeout=600)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "tritongpt kernels: error: unknown --arch 'sm_99'; choices: sm_80, sm_86, sm_89, sm_90"]
+
+
+def test_unknown_backend_is_one_line_exit_2_console_script(tmp_path):
+    """A model command given an unknown backend name: one error line naming the choices, exit 2,
+    no traceback, and no run directory written."""
+    out = subprocess.run([*console_script(), "train", "--norm", "nosuch", "--max-steps", "1",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert errors == ["tritongpt train: error: unknown layer_norm backend 'nosuch' (from --norm); "
+                      "choices: torch, triton, auto"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_subcommand_is_a_usage_error(capsys):
+    code, _, err = run_main(["kernels"], capsys)
+    assert code == 2 and "usage: tritongpt kernels" in err
