@@ -25,7 +25,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -89,16 +89,16 @@ def sweep(op: str, quick: bool) -> list[Case]:
     attention: B*T tokens fixed, H*D fixed, T swept, D in two sizes, causal and not;
     layer_norm: M rows fixed, N swept; mlp: M rows fixed, width C swept (hidden 4C)."""
     if op == "attention":
-        tokens, width = (256, 64) if quick else (16384, 2048)
-        seqs = (32, 128) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        tokens, width = (64, 32) if quick else (16384, 2048)
+        seqs = (16, 64) if quick else (512, 1024, 2048, 4096, 8192, 16384)
         heads = (16, 32) if quick else (64, 128)
         return [Case(op, (("B", tokens // t), ("T", t), ("H", width // d), ("D", d)), t, causal)
                 for d in heads for causal in (True, False) for t in seqs]
     if op == "layer_norm":
-        m, widths = (256, (64, 256)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
+        m, widths = (64, (64, 256)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
         return [Case(op, (("M", m), ("N", n)), n) for n in widths]
     if op == "mlp":
-        m, widths = (128, (32, 64)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096))
+        m, widths = (64, (32, 64)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096))
         return [Case(op, (("M", m), ("C", c), ("H", 4 * c)), c) for c in widths]
     raise ValueError(f"unknown op {op!r}")
 
@@ -169,6 +169,22 @@ def reference(case: Case, inputs: InputSet, ref_dtype: torch.dtype) -> tuple[tor
     """Output and input gradients of the `torch` backend run in `ref_dtype` on the same inputs.
     Attention heads are independent, so the reference runs a few heads at a time: its (T, S)
     scores would not fit in memory at 16k tokens otherwise."""
+    with _full_fp32_matmuls():
+        return _reference(case, inputs, ref_dtype)
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls() -> Iterator[None]:
+    """float32 matmuls without tf32 (a process may have allowed it for speed), restored after."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _reference(case: Case, inputs: InputSet, ref_dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
     fn = registry.resolve(case.op, BASELINE)
     kwargs = op_kwargs(case)
     upcast = [a.detach().to(ref_dtype) for a in inputs.args]

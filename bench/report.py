@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def header(device: torch.device, dtype: torch.dtype, *, quick: bool, command: st
 # stdout
 
 
+DIGITS = {"tokens_per_s": 1, "loss": 5}  # decimals shown per column (default 3)
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -146,14 +150,13 @@ def format_table(head: dict, rows: list[dict]) -> str:
         mine = [r for r in rows if r["op"] == op]
         cols = step_cols if op == "step" else kernel_cols
         if op == "step":
-            cols = tuple(c for c in cols if c != "pct_peak") + ("pct_peak",)
             titles_here = {**titles, "pct_peak": "MFU %", "ms": "ms/step"}
         else:
             used = {c for c in ("tflops", "gbps") if any(r[c] is not None for r in mine)}
             cols = tuple(c for c in cols if c not in {"tflops", "gbps"} - used)
             titles_here = titles
         cells = [[titles_here.get(c, c) for c in cols]]
-        cells += [[_fmt(r[c], 1 if c == "tokens_per_s" else 3) for c in cols] for r in mine]
+        cells += [[_fmt(r[c], DIGITS.get(c, 3)) for c in cols] for r in mine]
         widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]
         out += ["", f"== {op} =="]
         for row in cells:
@@ -276,7 +279,8 @@ def _plot_kernel(plt, op: str, rows: list[dict]):
     series = list(dict.fromkeys(r["series"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     fig, axes = plt.subplots(len(series), len(modes), figsize=(4.5 * len(modes), 3.2 * len(series)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
+    sizes = sorted({r["size"] for r in rows})
     for i, s in enumerate(series):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
@@ -286,13 +290,14 @@ def _plot_kernel(plt, op: str, rows: list[dict]):
                 if points:
                     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(x) for x in sizes], minor=False)
+            ax.minorticks_off()
             ax.set_title(f"{s} {mode}", fontsize=9)
             ax.set_xlabel({"attention": "T", "layer_norm": "N", "mlp": "C"}.get(op, "size"))
             ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
     return fig
 
 
@@ -300,15 +305,17 @@ def _plot_step(plt, rows: list[dict]):
     timed = [r for r in rows if r["tokens_per_s"] is not None]
     if not timed:
         return None
-    fig, ax = plt.subplots(figsize=(1.2 * len(timed) + 3, 3.5))
+    fig, ax = plt.subplots(figsize=(1.2 * len(timed) + 3, 3.5), layout="constrained")
     ax.bar([r["provider"] for r in timed], [r["tokens_per_s"] for r in timed])
     ax.set_ylabel("tokens/s")
     ax.set_title(timed[0]["shape"], fontsize=9)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
     return fig
 
 
+_START = time.perf_counter()
+
+
 def log(message: str) -> None:
-    """Progress line on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress line on stderr, after the seconds since the bench started."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)

@@ -41,37 +41,30 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # scores * scale * log2(e), then exp2
 # Autotune configs: a short list per kernel, pruned per call by head dim, dtype and seq lengths
 # ----------------------------------------------------------------------------------------------
 
-def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _configs(table: dict) -> list:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
-# Forward and dQ hold BLOCK_M queries and stream BLOCK_N keys; dK/dV holds BLOCK_N keys and
-# streams BLOCK_M queries. 8 warps for 128-row resident blocks (4 also tried for the forward),
-# fewer pipeline stages for the larger streamed tiles.
-_FWD_CONFIGS = [_config(m, n, w, 2 if n == 128 else 3) for m in (64, 128) for n in (32, 64, 128) for w in (4, 8)
-                if n <= m and (w == 4 or m * n >= 128 * 64) and (w == 8 or n < 128)]
-_DQ_CONFIGS = [_config(m, n, 8 if m == 128 else 4, 3 if n == 32 else 2) for m in (64, 128) for n in (32, 64)]
-_DKDV_CONFIGS = [_config(m, n, 8 if n == 128 else 4, 3 if m == 32 else 2) for m in (32, 64) for n in (64, 128)]
-
-# Tiles each kernel keeps resident (rows block, head_dim tiles) and streams per step, and its
-# fp32 accumulators: (resident block, resident tiles, streamed block, streamed tiles, accumulators).
-_TILES = {
-    "fwd": ("BLOCK_M", 1, "BLOCK_N", 2, 1),  # q | k, v | acc
-    "dq": ("BLOCK_M", 2, "BLOCK_N", 2, 1),  # q, dO | k, v | dq
-    "dkdv": ("BLOCK_N", 2, "BLOCK_M", 2, 2),  # k, v | q, dO | dk, dv
-}
-_SMEM_BUDGET = 160 * 1024  # bytes: under sm_80's 163 KiB opt-in limit, so every kept config fits both
-_ACC_REGS = 128  # fp32 accumulator registers per thread, at most: more spills at head_dim 256
+# (BLOCK_M, BLOCK_N, warps, stages) -> the largest BLOCK_D (head dim rounded up to a power of two)
+# the config compiles for at 16-bit without register spills or shared-memory overflow on sm_80 and
+# sm_90, as measured by `tritongpt kernels compile` (configs at exactly 255 registers are kept to
+# smaller head dims). Forward and dQ hold BLOCK_M queries and stream BLOCK_N keys; dK/dV holds
+# BLOCK_N keys (two fp32 accumulators) and streams BLOCK_M queries.
+_FWD_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 3): 64, (64, 64, 8, 2): 128,
+              (128, 32, 4, 3): 64, (128, 64, 8, 3): 128, (128, 128, 8, 2): 64}
+_DQ_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 2): 64, (128, 32, 8, 3): 128,
+             (128, 64, 8, 2): 128}
+_DKDV_TABLE = {(16, 32, 8, 2): 256, (16, 64, 4, 2): 64, (16, 128, 8, 2): 128, (32, 64, 4, 2): 64,
+               (32, 128, 8, 3): 64, (64, 64, 4, 2): 32, (64, 128, 8, 2): 32}
+_TABLES = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
+_FWD_CONFIGS, _DQ_CONFIGS, _DKDV_CONFIGS = (_configs(t) for t in (_FWD_TABLE, _DQ_TABLE, _DKDV_TABLE))
 
 
 def fits(kind: str, cfg: triton.Config, head_dim: int, elem_bytes: int) -> bool:
-    """Whether `cfg` of kernel `kind` fits shared memory and registers at this head dim."""
-    resident, n_resident, streamed, n_streamed, n_acc = _TILES[kind]
-    block_d = triton.next_power_of_2(head_dim)
-    rows_resident, rows_streamed = cfg.kwargs[resident], cfg.kwargs[streamed]
-    smem = elem_bytes * block_d * (rows_resident * n_resident + cfg.num_stages * rows_streamed * n_streamed)
-    acc_regs = n_acc * rows_resident * block_d // (32 * cfg.num_warps)
-    return smem <= _SMEM_BUDGET and acc_regs <= _ACC_REGS
+    """Whether `cfg` of kernel `kind` compiles without spills at this head dim and element size
+    (fp32 tiles count as a 16-bit tile twice as wide)."""
+    key = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+    return triton.next_power_of_2(head_dim) * elem_bytes // 2 <= _TABLES[kind][key]
 
 
 def _smallest(configs: list) -> triton.Config:
@@ -87,10 +80,10 @@ def _pruner(kind: str):
         args = {**named_args, **kwargs}
         t, s = args["t_bucket"], args["s_bucket"]
         kept = [c for c in configs if fits(kind, c, args["HEAD_DIM"], args["Q"].element_size())]
-        short = [c for c in kept if c.kwargs["BLOCK_M"] <= max(t, 64) and c.kwargs["BLOCK_N"] <= max(s, 64)]
         if not kept:  # fp32 at head_dim 256: the smallest tiles, without multi-stage buffering
             c = _smallest(configs)
-            kept = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)]
+            return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)]
+        short = [c for c in kept if c.kwargs["BLOCK_M"] <= max(t, 64) and c.kwargs["BLOCK_N"] <= max(s, 64)]
         return short or kept
     return prune
 
@@ -333,9 +326,10 @@ def _attn_fwd_kernel(
                                stride_kt, stride_vt, stride_ds, offs_n, offs_d, full_hi, hi, S, window,
                                qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_DOCS)
 
-    empty = l_i == 0.0  # no visible key (cannot happen under these masks; guarded anyway)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_i))  # +inf: backward's p = 0
+    empty = l_i == 0.0  # no visible key (only padding rows past T under these masks; guarded anyway)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # +inf: backward's p = 0
     tl.store(Lse + off_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :])

@@ -34,7 +34,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the big tiles feed wgmma / mma on large GEMMs,
 # the small ones keep every SM busy when M (batch * seq) or a width is small.
-_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
           (64, 64, 64, 4, 3), (32, 64, 32, 4, 4)]
 _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in _TILES]

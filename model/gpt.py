@@ -69,7 +69,8 @@ class GPT(nn.Module):
         """Re-resolve the ops of every module. A None argument keeps the current choice; "auto"
         returns an op to the registry chain. Raises (changing nothing) on an unknown or
         unusable backend. The choices are recorded in self.config."""
-        changes = {k: v for k, v in dict(attention=attention, norm=norm, mlp=mlp, backend=backend).items() if v is not None}
+        choices = dict(attention=attention, norm=norm, mlp=mlp, backend=backend)
+        changes = {k: v for k, v in choices.items() if v is not None}
         config = dataclasses.replace(self.config, **changes)
         for op in registry.OP_FLAGS:
             registry.choose(op, getattr(config, registry.OP_FLAGS[op]), config.backend)
@@ -100,7 +101,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(x[:, [-1], :]), None
         logits = self.logits(x)
-        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.size(-1)), targets.reshape(-1),
+        loss_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        loss = F.cross_entropy(loss_logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, label_smoothing=self.config.label_smoothing)
         return logits, loss
 

@@ -68,17 +68,17 @@ def _check(b, t, s, h, h_kv, d, causal, window=None, n_docs=0, dtype=torch.float
 
 # (B, T, S, H, H_kv, D, causal, window, documents per row): a covering set, not the product.
 CASES = [
-    (1, 1, 1, 2, 2, 16, True, None, 0),  # a single token
+    (1, 1, 9, 2, 2, 16, True, None, 0),  # one query (decode step; with T = S = 1, dq and dk are exactly 0)
     (2, 17, 17, 2, 1, 16, True, None, 0),  # ragged, GQA 2
-    (1, 128, 128, 4, 1, 64, True, None, 0),  # MQA, exact blocks
-    (1, 257, 257, 4, 1, 80, False, None, 0),  # ragged, padded head dim, GQA 4, non-causal
+    (1, 128, 128, 4, 1, 64, True, None, 0),  # MQA (GQA 4), exact blocks
+    (1, 257, 257, 2, 1, 80, False, None, 0),  # ragged, padded head dim, non-causal
     (1, 128, 128, 2, 2, 128, False, None, 0),
     (1, 100, 257, 4, 2, 64, True, 40, 0),  # T < S (bottom-right), window
-    (1, 129, 129, 2, 2, 64, True, 1, 0),  # window 1: each query sees only itself
+    (1, 129, 129, 2, 2, 64, True, 3, 0),  # a tiny window (1 would leave one key: dq, dk exactly 0)
     (1, 257, 257, 2, 2, 32, True, None, 4),  # several documents per row
     (2, 70, 90, 2, 1, 64, False, None, 3),  # non-causal with documents, T < S
     (1, 90, 40, 2, 2, 16, False, None, 0),  # non-causal, T > S
-    (1, 64, 200, 4, 2, 16, True, 100, 3),  # window + documents + T < S
+    (1, 64, 200, 8, 2, 16, True, 100, 3),  # GQA 4, window + documents + T < S
 ]
 
 

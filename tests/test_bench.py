@@ -35,7 +35,12 @@ def quick_run(tmp_path_factory):
     """`tritongpt bench all --quick` on this machine (CPU: torch backends timed, Triton on the
     interpreter for correctness), run once for the tests below."""
     out_dir = tmp_path_factory.mktemp("bench")
-    rc, stdout = _run(["bench", "all", "--quick", "--no-compile", "--out", str(out_dir), *QUICK_STEP])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: a second thread only waits
+    try:
+        rc, stdout = _run(["bench", "all", "--quick", "--no-compile", "--out", str(out_dir), *QUICK_STEP])
+    finally:
+        torch.set_num_threads(threads)
     (json_path,) = out_dir.glob("*.json")
     data = json.loads(json_path.read_text())
     return rc, stdout, out_dir, json_path, data

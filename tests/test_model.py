@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_rel_close, tol
+from _util import assert_rel_close, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
@@ -51,11 +51,14 @@ def batch(variant: str, seed: int = 1):
     return idx, targets, doc_ids
 
 
-def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype):
-    """logits, loss and {name: grad} of a fresh model with `state`, in `dtype`."""
-    model = GPT(config).to(dtype)
+def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype, device: str = "cpu", autocast=None):
+    """logits, loss and {name: grad} of a fresh model with `state`, in `dtype` on `device`
+    (under autocast to the dtype `autocast` when given)."""
+    model = GPT(config).to(device, dtype)
     model.load_state_dict(state)
-    logits, loss = model(*inputs)
+    inputs = [None if t is None else t.to(device) for t in inputs]
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits, loss = model(*inputs)
     loss.backward()
     return logits, loss, {n: p.grad for n, p in model.named_parameters()}
 
@@ -76,14 +79,16 @@ def backend_cases():
 
 
 @pytest.mark.parametrize("variant,choices", list(backend_cases()))
-def test_backends_match_float64_model(variant, choices):
+def test_backends_match_float64_model(variant, choices, device):
+    """fp32 forward + backward of the chosen backends (on the GPU when there is one, where
+    Triton's fp32 dots use tf32) against the float64 all-torch model on the CPU."""
     config = tiny_config(**VARIANTS[variant])
     state, inputs = random_state(config), batch(variant)
     ref_logits, ref_loss, ref_grads = run(config, state, inputs, torch.float64)
     model_config = tiny_config(**VARIANTS[variant], **choices)
-    logits, loss, grads = run(model_config, state, inputs, torch.float32)
+    logits, loss, grads = run(model_config, state, inputs, torch.float32, device.type)
     assert logits.dtype == torch.float32 and logits.shape == (B, T, REAL_VOCAB)
-    fp32 = tol(torch.float32)
+    fp32 = tol(torch.float32, tf32=device.type == "cuda" and "triton" in choices.values())
     assert_rel_close(logits, ref_logits, fp32, "logits")
     assert_rel_close(loss, ref_loss, fp32, "loss")
     assert grads.keys() == ref_grads.keys()
@@ -185,6 +190,15 @@ def test_loss_semantics_ignore_index_label_smoothing_and_padding():
     assert loss.dtype == torch.float64
 
 
+def test_dropout_only_in_training_mode():
+    model = GPT(tiny_config(dropout=0.5))
+    idx, targets, _ = batch("mha-learned")
+    train_a, train_b = model(idx, targets)[0], model(idx, targets)[0]
+    assert not torch.equal(train_a, train_b)
+    model.eval()
+    assert torch.equal(model(idx, targets)[0], model(idx, targets)[0])
+
+
 def test_loss_is_fp32_for_low_precision_logits():
     model = GPT(tiny_config()).to(torch.float16)
     idx, targets, _ = batch("mha-learned")
@@ -220,18 +234,18 @@ def test_autocast_bf16_runs_with_fp32_residual_stream():
 
 
 @pytest.mark.parametrize("choice", ["triton", pytest.param("torch", marks=pytest.mark.slow)])
-def test_compile_fullgraph_traces(choice):
+def test_compile_fullgraph_traces(choice, device):
     """torch.compile(fullgraph=True) traces the whole model (every backend's custom op included)
     and gives the eager model's logits and grads. One layer keeps the interpreter run short."""
     if choice == "triton" and any("triton" not in registry.backends(op) for op in registry.OP_FLAGS):
         pytest.skip("triton backend not registered yet for every op")
     config = tiny_config(**VARIANTS["gqa-rope-window"], backend=choice, n_layer=1)
     state = random_state(config)
-    eager, compiled_model = GPT(config), GPT(config)
+    eager, compiled_model = GPT(config).to(device), GPT(config).to(device)
     eager.load_state_dict(state)
     compiled_model.load_state_dict(state)
     idx, targets, _ = batch("mha-learned")
-    doc_ids = batch("mqa-sinusoidal-docs")[2]
+    idx, targets, doc_ids = idx.to(device), targets.to(device), batch("mqa-sinusoidal-docs")[2].to(device)
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     logits, loss = compiled(idx, targets, doc_ids)
     loss.backward()
@@ -330,3 +344,45 @@ def test_set_backends_reresolves_and_is_atomic():
     assert model.backend_names() == {"attention": "sdpa", "layer_norm": "torch", "mlp": "torch"}
     model.set_backends(backend="auto", attention="auto")
     assert model.backend_names() == {op: registry.choose(op) for op in registry.OP_FLAGS}
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+def outputs(logits, loss, grads) -> dict:
+    return {"logits": logits, "loss": loss, **{f"grad of {n}": g for n, g in grads.items()}}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_bf16_autocast_error_at_most_twice_pytorchs(variant):
+    """Mixed-precision training step: all-triton under bf16 autocast is within the bf16 tolerance
+    of float64 and its error at most 2x that of the all-torch model under the same autocast."""
+    config = tiny_config(**VARIANTS[variant])
+    state, inputs = random_state(config), batch(variant)
+    expected = outputs(*run(config, state, inputs, torch.float64))
+    ours = outputs(*run(tiny_config(**VARIANTS[variant], backend="triton"), state, inputs, torch.float32, "cuda",
+                        autocast=torch.bfloat16))
+    pytorch = outputs(*run(config, state, inputs, torch.float32, "cuda", autocast=torch.bfloat16))
+    for name, tensor in ours.items():
+        assert_rel_close(tensor, expected[name], tol(torch.bfloat16), name)
+        ours_err, pytorch_err = rel_err(tensor, expected[name]), rel_err(pytorch[name], expected[name])
+        assert ours_err <= 2 * pytorch_err, f"{name}: error {ours_err:.3g} > 2x PyTorch's {pytorch_err:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_and_fused_adamw():
+    config = tiny_config(**VARIANTS["gqa-rope-window"], backend="triton")
+    state, (idx, targets, _) = random_state(config), batch("mha-learned")
+    idx, targets = idx.cuda(), targets.cuda()
+    eager, model = GPT(config).cuda(), GPT(config).cuda()
+    eager.load_state_dict(state)
+    model.load_state_dict(state)
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device_type="cuda")
+    assert opt.defaults["fused"]
+    compiled = torch.compile(model, fullgraph=True)
+    logits, loss = compiled(idx, targets)
+    ref_logits, _ = eager(idx, targets)
+    assert_rel_close(logits, ref_logits, tol(torch.float32, tf32=True), "inductor logits")
+    loss.backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -229,3 +229,26 @@ def test_sample_command_from_hf_directory(tmp_path, capsys):
                  "--device", "cpu", "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Hello") and len(out) > len("Hello\n")
+
+
+def test_dtype_and_peak_flops_on_cpu():
+    cpu = torch.device("cpu")
+    assert trainer.resolve_dtype("auto", cpu) == "fp32"
+    with pytest.raises(TritonGPTError, match="fp16 needs a CUDA device"):
+        trainer.resolve_dtype("fp16", cpu)
+    assert trainer.peak_flops(cpu, "fp32") is None  # so MFU is null on the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,compile", [("bf16", "true"), ("fp16", "false")])
+def test_cuda_mixed_precision_steps(tiny_data, tmp_path, dtype, compile):
+    """bf16 autocast with torch.compile, and fp16 with the grad scaler, on the Triton kernels."""
+    out = tmp_path / "out"
+    assert run(tiny_flags(tiny_data, out, max_steps=20, device="cuda", dtype=dtype, compile=compile,
+                          backend="triton", sample_tokens=8)) == 0
+    records = [r for r in metrics(out) if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    if trainer.peak_flops(torch.device("cuda"), dtype) is not None:
+        assert 0 < records[-1]["mfu"] < 1
+    assert ("scale" in checkpoint.load(out)["scaler"]) == (dtype == "fp16")  # the scaler's state when it is on

@@ -91,18 +91,19 @@ MODEL_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
 assert not RUN_FIELDS.keys() & MODEL_FIELDS.keys(), "TrainConfig and GPTConfig field names must differ"
 _HINTS = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfig)}
 
-# Run settings per model preset (model fields here override the model preset for training).
-_GPT2_RUN = dict(batch_size=16, grad_accum=4, max_steps=600, lr=6e-4, min_lr=6e-5, warmup_steps=50,
-                 eval_interval=100, eval_steps=20, log_interval=10, ckpt_interval=200, dropout=0.1)
+# Run settings per model preset, sized for the default data (tinyshakespeare: ~300k train tokens);
+# model fields here override the model preset for training. Larger corpora want more steps.
+_GPT2_RUN = dict(batch_size=16, grad_accum=1, max_steps=1000, lr=6e-4, min_lr=6e-5, warmup_steps=100,
+                 eval_interval=100, eval_steps=20, log_interval=10, ckpt_interval=250, dropout=0.1)
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(batch_size=8, max_steps=400, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                 eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
+    "tiny": dict(batch_size=8, max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                 eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=150),
     "small": dict(batch_size=8, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                   eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
     "gpt2": _GPT2_RUN,
     "gpt2-medium": {**_GPT2_RUN, "lr": 3e-4, "min_lr": 3e-5},
-    "gpt2-large": {**_GPT2_RUN, "batch_size": 8, "grad_accum": 8, "lr": 2.5e-4, "min_lr": 2.5e-5},
-    "gpt2-xl": {**_GPT2_RUN, "batch_size": 4, "grad_accum": 16, "lr": 2e-4, "min_lr": 2e-5},
+    "gpt2-large": {**_GPT2_RUN, "batch_size": 8, "grad_accum": 2, "lr": 2.5e-4, "min_lr": 2.5e-5},
+    "gpt2-xl": {**_GPT2_RUN, "batch_size": 4, "grad_accum": 4, "lr": 2e-4, "min_lr": 2e-5},
 }
 
 
@@ -139,6 +140,15 @@ def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = 
     cfg = TrainConfig(**run, model=model_config)
     validate(cfg)
     return cfg
+
+
+def peek(key: str, flags: dict[str, str] | None = None, toml_path: str | Path | None = None) -> Any:
+    """One run setting by flags > TOML > default, without resolving the rest (e.g. `out` and
+    `resume`, needed to find the checkpoint whose config a resumed run starts from)."""
+    if flags and key in flags:
+        return parse(key, flags[key], "flag --" + key.replace("_", "-"), text=True)
+    from_file = read_toml(toml_path) if toml_path else {}
+    return from_file[key] if key in from_file else RUN_FIELDS[key].default
 
 
 def from_dict(flat: dict[str, Any]) -> TrainConfig:

@@ -92,13 +92,12 @@ def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None 
     checkpoint in OUT — from the checkpoint's config with the TOML and flags on top."""
     from tritongpt.train import config
 
-    cfg = config.resolve(flags, toml_path)
-    newest = checkpoint.latest(cfg.out) if cfg.resume else None
+    out = config.peek("out", flags, toml_path)
+    newest = checkpoint.latest(out) if config.peek("resume", flags, toml_path) else None
     if newest is None:
-        return cfg
-    saved = checkpoint.read_train_config(newest)
-    resumed = config.resolve(flags, toml_path, base=saved)
-    resumed.out = cfg.out  # where the checkpoint was found, even if the run directory moved
+        return config.resolve(flags, toml_path)
+    resumed = config.resolve(flags, toml_path, base=checkpoint.read_train_config(newest))
+    resumed.out = out  # where the checkpoint was found, even if the run directory moved
     return resumed
 
 
