@@ -55,6 +55,7 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TritonGPTError("--device cuda: no CUDA device is available")
     device = torch.device(args.device) if args.device else default_device()
+    args.device = device.type
     args.dtype = args.dtype or next(k for k, v in DTYPES.items() if v == default_dtype(device))
     for name, (full, quick) in STEP_DEFAULTS.items():
         if getattr(args, name) is None:
@@ -72,7 +73,7 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run, defaults made explicit."""
-    parts = ["tritongpt bench", args.target, f"--dtype {args.dtype}", f"--device {args.device or 'auto'}",
+    parts = ["tritongpt bench", args.target, f"--dtype {args.dtype}", f"--device {args.device}",
              f"--seed {args.seed}"]
     parts += ["--quick"] * args.quick + ["--no-compile"] * (not args.compile)
     if args.target in ("step", "all"):

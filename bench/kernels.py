@@ -17,6 +17,7 @@ correctness on a tiny case and never timed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 import itertools
@@ -91,9 +92,9 @@ def sweep(op: str, quick: bool) -> list[Case]:
     if op == "attention":
         tokens, width = (64, 32) if quick else (16384, 2048)
         seqs = (16, 64) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-        heads = (16, 32) if quick else (64, 128)
+        head_dims = (16, 32) if quick else (64, 128)
         return [Case(op, (("B", tokens // t), ("T", t), ("H", width // d), ("D", d)), t, causal)
-                for d in heads for causal in (True, False) for t in seqs]
+                for d in head_dims for causal in (True, False) for t in seqs]
     if op == "layer_norm":
         m, widths = (64, (64, 256)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
         return [Case(op, (("M", m), ("N", n)), n) for n in widths]
@@ -226,13 +227,13 @@ def tolerance(dtype: torch.dtype, device: torch.device) -> float:
 class Provider:
     name: str
     make: Callable[[], Callable] | None  # returns the op callable for the next case; None: cannot run
-    source: str  # "backend" (registered in the registry) or "peer"
     timed: bool = True  # False: correctness only (Triton interpreter)
     note: str = ""  # why it cannot run, or what its rows mean
     scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # held while it runs
 
 
-def _needs_triton(op: str, name: str) -> bool:
+def needs_triton(op: str, name: str) -> bool:
+    """Whether backend `name` of `op` runs Triton kernels."""
     # The registry records whether a backend runs Triton kernels; it has no public accessor.
     return registry._TABLE[op][name].needs_triton
 
@@ -265,16 +266,13 @@ def _sdpa_backends() -> dict[str, object]:
     return {p: getattr(SDPBackend, m) for p, m in names.items() if hasattr(SDPBackend, m)}
 
 
-def _sdpa_only(backend: object) -> Callable:
-    """The registered `sdpa` backend, restricted to one SDPA kernel (an error if it cannot run)."""
+@contextlib.contextmanager
+def _sdpa_kernel_only(backend: object) -> Iterator[None]:
+    """SDPA restricted to one of its kernels (an error where it cannot run), for a whole provider."""
     from torch.nn.attention import sdpa_kernel
-    sdpa = registry.resolve("attention", "sdpa")
-
-    def attention(q, k, v, causal=True, softmax_scale=None, window=None, doc_ids=None):
-        with sdpa_kernel(backend), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no kernel available" warnings; the error says it
-            return sdpa(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, doc_ids=doc_ids)
-    return attention
+    with sdpa_kernel(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no kernel available" warnings: the error says it
+        yield
 
 
 def _flash_attn() -> Callable:
@@ -297,7 +295,7 @@ def _liger_layer_norm() -> Callable:
     return layer_norm
 
 
-# peer package -> (op it covers, import name, builder)
+# peer package -> (the op it covers, a builder of that op's callable)
 PACKAGES = {"flash_attn": ("attention", _flash_attn), "liger_kernel": ("layer_norm", _liger_layer_norm)}
 
 
@@ -305,22 +303,22 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
     """Everything that can compute `op` here, and the peers skipped (with the reason)."""
     found, skipped = [], []
     for name in registry.backends(op):
-        needs = _needs_triton(op, name)
+        needs = needs_triton(op, name)
         if needs and registry.interpreting():
-            found.append(Provider(name, _fixed(registry.resolve(op, name)), "backend", False, INTERPRETER_NOTE))
+            found.append(Provider(name, _fixed(registry.resolve(op, name)), timed=False, note=INTERPRETER_NOTE))
         elif needs and device.type != "cuda":
-            found.append(Provider(name, None, "backend", note="needs a CUDA device (or TRITON_INTERPRET=1)"))
+            found.append(Provider(name, None, note="needs a CUDA device (or TRITON_INTERPRET=1)"))
         else:
-            found.append(Provider(name, _fixed(registry.resolve(op, name, device=device)), "backend"))
+            found.append(Provider(name, _fixed(registry.resolve(op, name, device=device))))
     if op == "attention" and "sdpa" in registry.backends(op):
         for name, backend in _sdpa_backends().items():
             if device.type == "cuda":
-                found.append(Provider(name, _fixed(_sdpa_only(backend)), "peer"))
+                found.append(Provider(name, _fixed(registry.resolve(op, "sdpa")),
+                                      scope=functools.partial(_sdpa_kernel_only, backend)))
             else:
                 skipped.append({"op": op, "provider": name, "reason": "SDPA kernel choice is CUDA only"})
     if compile:
-        found.append(Provider(COMPILE, _compiled(registry.resolve(op, BASELINE)), "peer",
-                              scope=_keep_saved_buffers))
+        found.append(Provider(COMPILE, _compiled(registry.resolve(op, BASELINE)), scope=_keep_saved_buffers))
     else:
         skipped.append({"op": op, "provider": COMPILE, "reason": "--no-compile"})
     for package, (package_op, build) in PACKAGES.items():
@@ -332,7 +330,7 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
             skipped.append({"op": op, "provider": package, "reason": f"{package} needs CUDA"})
         else:
             try:
-                found.append(Provider(package, _fixed(build()), "peer"))
+                found.append(Provider(package, _fixed(build())))
             except Exception as exc:  # an installed but broken package: say why, keep going
                 skipped.append({"op": op, "provider": package, "reason": describe_error(exc)})
     return found, skipped
@@ -397,13 +395,13 @@ def ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     matmul_ms = timer(lambda: a @ b)
     del a, b
-    _free(device)
+    free_memory(device)
     return {"copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9, "copy_bytes": copy_bytes,
             "matmul_tflops": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e12,
             "matmul": f"{n}x{n} @ {n}x{n} {str(dtype).removeprefix('torch.')}"}
 
 
-def _free(device: torch.device) -> None:
+def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -475,12 +473,12 @@ def run_case(case: Case, found: list[Provider], *, device: torch.device, dtype: 
     except Exception as exc:  # e.g. out of memory: the rows keep their times, errors say why not
         ref = describe_error(exc)
         log(f"  reference failed: {ref}")
-    _free(device)
+    free_memory(device)
     rows: list[dict] = []
     for p in found:
         with p.scope():
             rows += _measure(case, p, sets, ref, device=device, dtype=dtype, timer=timer, ceiling=ceiling, log=log)
-        _free(device)
+        free_memory(device)
     _compare(rows, tolerance(dtype, device))
     return rows
 
@@ -498,11 +496,8 @@ def _measure(case: Case, p: Provider, sets: list[InputSet], ref: tuple | str, *,
         fn = p.make()
         out = fn(*sets[0].args, **kwargs)
         grads = torch.autograd.grad(out, sets[0].args, sets[0].dout)
-        if isinstance(ref, str):
-            errors = {"note": f"no errors: reference failed ({ref})"}
-        else:
-            errors = {"err_out": rel_err(out, ref[0]),
-                      "err_grad": max(rel_err(g, r) for g, r in zip(grads, ref[1]))}
+        errors = {} if isinstance(ref, str) else {
+            "err_out": rel_err(out, ref[0]), "err_grad": max(rel_err(g, r) for g, r in zip(grads, ref[1]))}
         del out, grads
     except Exception as exc:
         note = describe_error(exc)
@@ -511,10 +506,10 @@ def _measure(case: Case, p: Provider, sets: list[InputSet], ref: tuple | str, *,
             row["note"] = _join(p.note, note)
         return list(rows.values())
     for row in rows.values():
-        row.update({k: v for k, v in errors.items() if k != "note"})
-        row["note"] = _join(row["note"], errors.get("note", ""))
+        row.update(errors)
+        row["note"] = _join(row["note"], f"no errors: reference failed ({ref})" if isinstance(ref, str) else "")
     if not p.timed:
-        log(f"  {p.name:<16} {p.note}: err_out {errors.get('err_out')}, err_grad {errors.get('err_grad')}")
+        log(f"  {p.name:<16} {p.note}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
         return list(rows.values())
     for mode, row in rows.items():
         try:
@@ -523,7 +518,7 @@ def _measure(case: Case, p: Provider, sets: list[InputSet], ref: tuple | str, *,
         except Exception as exc:
             row["note"] = _join(row["note"], describe_error(exc))
             log(f"  {p.name:<16} {mode:<8} failed: {row['note']}")
-            _free(device)
+            free_memory(device)
             continue
         unit, amount = work(case, mode, dtype)
         rate = amount / (ms * 1e-3) / (1e12 if unit == "tflops" else 1e9)
@@ -534,22 +529,22 @@ def _measure(case: Case, p: Provider, sets: list[InputSet], ref: tuple | str, *,
 
 
 def _compare(rows: list[dict], tol: float) -> None:
-    """Speedups over BASELINE, and a flag on rows whose error exceeds max(tol, 2x BASELINE's).
-    Non-finite errors become None (JSON has no inf) and are flagged."""
+    """Speedups over BASELINE, and a flag on rows whose error exceeds max(tol, 2x BASELINE's own
+    error). Non-finite errors are flagged and become None (JSON has no inf)."""
     base = {r["mode"]: r for r in rows if r["provider"] == BASELINE}
+    limits = {}
+    for key in ("err_out", "err_grad"):
+        own = [r[key] for r in base.values() if r[key] is not None and math.isfinite(r[key])]
+        limits[key] = max(tol, 2 * max(own)) if own else tol
     for row in rows:
         ref = base.get(row["mode"])
         if ref is not None and ref["ms"] and row["ms"]:
             row["speedup"] = ref["ms"] / row["ms"]
-        for key in ("err_out", "err_grad"):
+        for key, limit in limits.items():
             err = row[key]
-            if err is None:
-                continue
-            limit = max(tol, 2 * ref[key]) if ref is not None and ref[key] is not None and math.isfinite(ref[key]) else tol
-            if not math.isfinite(err) or err > limit:
-                row["note"] = _join(row["note"], f"{FLAG} ({key} {'non-finite' if not math.isfinite(err) else f'{err:.2e}'} > {limit:.1e})")
-                if not math.isfinite(err):
-                    row[key] = None
+            if err is not None and not err <= limit:  # also catches NaN
+                row["note"] = _join(row["note"], f"{FLAG} ({key} {err:.2e} > {limit:.1e})")
+                row[key] = err if math.isfinite(err) else None
 
 
 def _join(*notes: str) -> str:

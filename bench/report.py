@@ -179,14 +179,10 @@ def stem(out_dir: Path, head: dict) -> str:
     """`<device>_<date>`, with `_2`, `_3`, ... when that run's files already exist."""
     base = f"{slug(head['device'])}_{head['date'][:10]}"
     name, n = base, 1
-    while any(out_dir.glob(f"{glob_escape(name)}.*")) or any(out_dir.glob(f"{glob_escape(name)}_*.png")):
+    while any((out_dir / f"{name}{suffix}").exists() for suffix in (".json", ".csv")):
         n += 1
         name = f"{base}_{n}"
     return name
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import tritongpt.kernels  # noqa: F401  (registers every backend)
-from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, _free, _needs_triton
+from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, free_memory, needs_triton
 from tritongpt.bench.report import blank_row, describe_error
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
@@ -84,18 +84,20 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
     trains `warmup + steps` steps on the same batch; the last `steps` are timed."""
     from tritongpt.model import GPTConfig
     check_preset(preset)
-    block = max(seq_len, GPTConfig.from_preset(preset).block_size)
+    config = GPTConfig.from_preset(preset)
+    block = max(seq_len, config.block_size)
     gen = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, GPTConfig.from_preset(preset).real_vocab_size, (batch_size, seq_len + 1), generator=gen)
-    batch = seq[:, :-1].to(device), seq[:, 1:].to(device)
+    seq = torch.randint(0, config.real_vocab_size, (batch_size, seq_len + 1), generator=gen)  # (B, T + 1)
+    batch = seq[:, :-1].to(device), seq[:, 1:].to(device)  # inputs, next-token targets
     rows = []
-    for i, combo in enumerate(combos(compile)):
-        log(f"[step {i + 1}/{len(combos(compile))}] {combo.name}: {combo.label}")
+    todo = combos(compile)
+    for i, combo in enumerate(todo):
+        log(f"[step {i + 1}/{len(todo)}] {combo.name}: {combo.label}")
         rows.append(_run_combo(combo, preset=preset, block=block, batch=batch, device=device, dtype=dtype,
                                steps=steps, warmup=warmup, ceiling=ceiling, seed=seed, log=log))
-        _free(device)
         if combo.compiled:
             torch._dynamo.reset()
+        free_memory(device)
     _compare(rows, loss_tolerance(dtype, device))
     return rows
 
@@ -112,7 +114,7 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     b, t = batch[0].shape
     row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
                     size=t, dtype=str(dtype).removeprefix("torch."), backends=combo.label)
-    triton_ops = [op for op, name in combo.backends if _needs_triton(op, name)]
+    triton_ops = [op for op, name in combo.backends if needs_triton(op, name)]
     if triton_ops and not registry.triton_usable(device):
         row["note"] = "needs a CUDA device (or TRITON_INTERPRET=1)"
     elif triton_ops and registry.interpreting():
