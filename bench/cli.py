@@ -8,8 +8,9 @@
 
 Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (a
 header object and the rows), .csv (the same rows) and one PNG per op when matplotlib is
-installed. On a CPU the times are CPU times, and Triton kernels (interpreter) are only checked
-for correctness. Exits 1 when a row is flagged (error above tolerance, losses disagree).
+installed. On a CPU the times are CPU times, and Triton kernels run only under the
+interpreter (`TRITON_INTERPRET=1 tritongpt bench all --quick`), checked for correctness and
+never timed. Exits 1 when a row is flagged (error above tolerance, losses disagree).
 """
 
 from __future__ import annotations

@@ -232,12 +232,6 @@ class Provider:
     scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # held while it runs
 
 
-def needs_triton(op: str, name: str) -> bool:
-    """Whether backend `name` of `op` runs Triton kernels."""
-    # The registry records whether a backend runs Triton kernels; it has no public accessor.
-    return registry._TABLE[op][name].needs_triton
-
-
 def _fixed(fn: Callable) -> Callable[[], Callable]:
     return lambda: fn
 
@@ -303,7 +297,7 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
     """Everything that can compute `op` here, and the peers skipped (with the reason)."""
     found, skipped = [], []
     for name in registry.backends(op):
-        needs = needs_triton(op, name)
+        needs = registry.needs_triton(op, name)
         if needs and registry.interpreting():
             found.append(Provider(name, _fixed(registry.resolve(op, name)), timed=False, note=INTERPRETER_NOTE))
         elif needs and device.type != "cuda":

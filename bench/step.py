@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import tritongpt.kernels  # noqa: F401  (registers every backend)
-from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, free_memory, needs_triton
+from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, free_memory
 from tritongpt.bench.report import blank_row, describe_error
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
@@ -114,16 +114,16 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     b, t = batch[0].shape
     row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
                     size=t, dtype=str(dtype).removeprefix("torch."), backends=combo.label)
-    triton_ops = [op for op, name in combo.backends if needs_triton(op, name)]
-    if triton_ops and not registry.triton_usable(device):
-        row["note"] = "needs a CUDA device (or TRITON_INTERPRET=1)"
-    elif triton_ops and registry.interpreting():
-        row["note"] = ("skipped: torch.compile around interpreted Triton kernels" if combo.compiled
-                       else INTERPRETER_NOTE)
-    if row["note"] and row["note"] != INTERPRETER_NOTE:
-        log(f"  {row['note']}")
+    uses_triton = any(registry.needs_triton(op, name) for op, name in combo.backends)
+    interpreted = uses_triton and registry.interpreting()  # correctness only, never timed
+    skip = ("needs a CUDA device (or TRITON_INTERPRET=1)" if uses_triton and not registry.triton_usable(device)
+            else "skipped: torch.compile around interpreted Triton kernels" if interpreted and combo.compiled
+            else "")
+    if skip:
+        row["note"] = skip
+        log(f"  {skip}")
         return row
-    timed = row["note"] != INTERPRETER_NOTE  # torch-only combinations are timed on the CPU too
+    row["note"] = INTERPRETER_NOTE if interpreted else ""
     try:
         torch.manual_seed(seed)
         config = GPTConfig.from_preset(preset, block_size=block, dropout=0.0,
@@ -157,7 +157,7 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         row["loss"] = loss.item()
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if timed:
+        if not interpreted:  # torch-only combinations are timed on the CPU too (CPU times)
             ms = statistics.median(times) * 1e3
             tokens_per_s = b * t / (ms * 1e-3)
             tflops = model.flops_per_token(t) * tokens_per_s / 1e12

@@ -70,6 +70,12 @@ def backends(op: str) -> list[str]:
     return sorted(_TABLE[op])
 
 
+def needs_triton(op: str, name: str) -> bool:
+    """Whether backend `name` of `op` runs Triton kernels (CUDA or TRITON_INTERPRET=1 only)."""
+    _check_op(op)
+    return _TABLE[op][name].needs_triton
+
+
 def choices(op: str, device: torch.device | str | None = None) -> list[str]:
     """Backend names of `op` usable on `device`, plus `auto`."""
     _check_op(op)

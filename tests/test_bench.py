@@ -24,9 +24,15 @@ QUICK_STEP = ["--batch-size", "1", "--seq-len", "16", "--steps", "1"]  # the int
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(argv)
+    """main(argv) -> (exit code, stdout), on one CPU thread: tiny ops on a shared 2-core machine
+    only wait for a second thread."""
+    out, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = main(argv)
+    finally:
+        torch.set_num_threads(threads)
     return rc, out.getvalue()
 
 
@@ -35,12 +41,7 @@ def quick_run(tmp_path_factory):
     """`tritongpt bench all --quick` on this machine (CPU: torch backends timed, Triton on the
     interpreter for correctness), run once for the tests below."""
     out_dir = tmp_path_factory.mktemp("bench")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: a second thread only waits
-    try:
-        rc, stdout = _run(["bench", "all", "--quick", "--no-compile", "--out", str(out_dir), *QUICK_STEP])
-    finally:
-        torch.set_num_threads(threads)
+    rc, stdout = _run(["bench", "all", "--quick", "--no-compile", "--out", str(out_dir), *QUICK_STEP])
     (json_path,) = out_dir.glob("*.json")
     data = json.loads(json_path.read_text())
     return rc, stdout, out_dir, json_path, data

@@ -134,12 +134,12 @@ class Trainer:
             raise TritonGPTError(f"{self.out} already holds checkpoints ({newest.name}); pass --resume to continue "
                                  f"that run or choose another --out")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        cfg.data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = GPT(cfg.model).to(self.device)
+        self.model = GPT(cfg.model).to(self.device)  # resolves the backends: a bad one fails before any write
+        cfg.data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
         # One loader step per optimizer step: the global batch of world_size * grad_accum * batch_size
         # windows depends only on (seed, step); this rank's rows are cut into grad_accum micro-batches.
         # So world_size x grad_accum can be traded for one another without changing what is trained on.
