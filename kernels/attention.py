@@ -47,15 +47,16 @@ def _configs(table: dict) -> list:
 
 # (BLOCK_M, BLOCK_N, warps, stages) -> the largest BLOCK_D (head dim rounded up to a power of two)
 # the config compiles for at 16-bit without register spills or shared-memory overflow on sm_80 and
-# sm_90, as measured by `tritongpt kernels compile` (configs at exactly 255 registers are kept to
-# smaller head dims). Forward and dQ hold BLOCK_M queries and stream BLOCK_N keys; dK/dV holds
-# BLOCK_N keys (two fp32 accumulators) and streams BLOCK_M queries.
+# sm_90, as measured by `tritongpt kernels compile` (Triton 3.9; a config that reached 254-255
+# registers or spilled at some head dim is kept to the head dims below it). Forward and dQ hold
+# BLOCK_M queries and stream BLOCK_N keys; dK/dV holds BLOCK_N keys (two fp32 accumulators) and
+# streams BLOCK_M queries. At head_dim 256 dK/dV has only (16, 32, 8, 2): mma.sync even on sm_90.
 _FWD_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 3): 64, (64, 64, 8, 2): 128,
-              (128, 32, 4, 3): 64, (128, 64, 8, 3): 128, (128, 128, 8, 2): 64}
+              (128, 32, 4, 3): 64, (128, 64, 8, 3): 128, (128, 128, 8, 2): 32}
 _DQ_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 2): 64, (128, 32, 8, 3): 128,
              (128, 64, 8, 2): 128}
-_DKDV_TABLE = {(16, 32, 8, 2): 256, (16, 64, 4, 2): 64, (16, 128, 8, 2): 128, (32, 64, 4, 2): 64,
-               (32, 128, 8, 3): 64, (64, 64, 4, 2): 32, (64, 128, 8, 2): 32}
+_DKDV_TABLE = {(16, 32, 8, 2): 256, (16, 64, 4, 2): 64, (16, 128, 8, 2): 128, (32, 64, 4, 2): 32,
+               (32, 128, 8, 3): 32, (64, 64, 4, 2): 32, (64, 128, 8, 2): 32}
 _TABLES = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
 _FWD_CONFIGS, _DQ_CONFIGS, _DKDV_CONFIGS = (_configs(t) for t in (_FWD_TABLE, _DQ_TABLE, _DKDV_TABLE))
 
@@ -805,10 +806,10 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict, tuple]
 
 def _compile_variants():
     """Every kernel for fp16 and bf16, causal and not, head dims 64 and 128, with each autotune
-    config the pruner keeps; every other head dim for fp16 causal; windows + doc ids at fp16 D=64."""
+    config the pruner keeps; every other head dim for fp16 causal; windows + doc ids at fp16 D=64, 128."""
     combos = [(dtype, causal, d, False) for dtype in _ELEM_BYTES for causal in (True, False) for d in (64, 128)]
     combos += [("fp16", True, d, False) for d in HEAD_DIMS if d not in (64, 128)]
-    combos += [("fp16", True, 64, True)]
+    combos += [("fp16", True, d, True) for d in (64, 128)]
     for dtype, causal, d, masks in combos:
         block_d = triton.next_power_of_2(d)
         meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=masks, HAS_DOCS=masks)
