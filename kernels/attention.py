@@ -45,27 +45,31 @@ def _configs(table: dict) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) -> the largest BLOCK_D (head dim rounded up to a power of two)
-# the config compiles for at 16-bit without register spills or shared-memory overflow on sm_80 and
-# sm_90, as measured by `tritongpt kernels compile` (Triton 3.9; a config that reached 254-255
-# registers or spilled at some head dim is kept to the head dims below it). Forward and dQ hold
-# BLOCK_M queries and stream BLOCK_N keys; dK/dV holds BLOCK_N keys (two fp32 accumulators) and
-# streams BLOCK_M queries. At head_dim 256 dK/dV has only (16, 32, 8, 2): mma.sync even on sm_90.
-_FWD_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 3): 64, (64, 64, 8, 2): 128,
-              (128, 32, 4, 3): 64, (128, 64, 8, 3): 128, (128, 128, 8, 2): 32}
-_DQ_TABLE = {(64, 32, 4, 3): 128, (64, 32, 8, 2): 256, (64, 64, 4, 2): 64, (128, 32, 8, 3): 128,
-             (128, 64, 8, 2): 128}
-_DKDV_TABLE = {(16, 32, 8, 2): 256, (16, 64, 4, 2): 64, (16, 128, 8, 2): 128, (32, 64, 4, 2): 32,
-               (32, 128, 8, 3): 32, (64, 64, 4, 2): 32, (64, 128, 8, 2): 32}
+# (BLOCK_M, BLOCK_N, warps, stages) -> (smallest head dim, largest head dim, largest head dim with
+# doc ids) the config compiles for at 16-bit without register spills or shared-memory overflow on
+# both sm_80 and sm_90, as measured by `tritongpt kernels compile` (Triton 3.9; a config that
+# reached 254-255 registers at some head dim is kept below it). Forward and dQ hold BLOCK_M
+# queries and stream BLOCK_N keys; dK/dV holds BLOCK_N keys (two fp32 accumulators) and streams
+# BLOCK_M queries. At head_dim 256 dK/dV has only (16, 32, 8, 2): mma.sync even on sm_90.
+_FWD_TABLE = {(64, 32, 4, 3): (16, 128, 128), (64, 32, 8, 2): (256, 256, 256), (64, 64, 4, 3): (16, 64, 64),
+              (64, 64, 8, 2): (64, 128, 128), (128, 32, 4, 3): (16, 64, 32), (128, 64, 8, 3): (16, 128, 128),
+              (128, 128, 8, 2): (16, 32, 32)}
+_DQ_TABLE = {(64, 32, 4, 3): (16, 128, 64), (64, 32, 8, 2): (16, 256, 256), (64, 64, 4, 2): (16, 64, 32),
+             (128, 32, 8, 3): (16, 128, 128), (128, 64, 8, 2): (16, 64, 64)}
+_DKDV_TABLE = {(16, 32, 8, 2): (16, 256, 256), (16, 64, 4, 2): (16, 64, 32), (16, 128, 8, 2): (16, 128, 32),
+               (32, 64, 4, 2): (16, 16, 16), (32, 128, 8, 3): (16, 32, 16), (64, 64, 4, 2): (16, 32, 16),
+               (64, 128, 8, 2): (16, 32, 16)}
 _TABLES = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
 _FWD_CONFIGS, _DQ_CONFIGS, _DKDV_CONFIGS = (_configs(t) for t in (_FWD_TABLE, _DQ_TABLE, _DKDV_TABLE))
 
 
-def fits(kind: str, cfg: triton.Config, head_dim: int, elem_bytes: int) -> bool:
-    """Whether `cfg` of kernel `kind` compiles without spills at this head dim and element size
-    (fp32 tiles count as a 16-bit tile twice as wide)."""
+def fits(kind: str, cfg: triton.Config, head_dim: int, elem_bytes: int, doc_ids: bool) -> bool:
+    """Whether `cfg` of kernel `kind` compiles without spills at this head dim, element size and
+    doc-id masking (an fp32 tile counts as a 16-bit tile of twice the head dim)."""
     key = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
-    return triton.next_power_of_2(head_dim) * elem_bytes // 2 <= _TABLES[kind][key]
+    smallest, largest, largest_with_docs = _TABLES[kind][key]
+    width = head_dim * elem_bytes // 2
+    return smallest <= width <= (largest_with_docs if doc_ids else largest)
 
 
 def _smallest(configs: list) -> triton.Config:
@@ -80,8 +84,8 @@ def _pruner(kind: str):
             return [_smallest(configs)]
         args = {**named_args, **kwargs}
         t, s = args["t_bucket"], args["s_bucket"]
-        kept = [c for c in configs if fits(kind, c, args["HEAD_DIM"], args["Q"].element_size())]
-        if not kept:  # fp32 at head_dim 256: the smallest tiles, without multi-stage buffering
+        kept = [c for c in configs if fits(kind, c, args["HEAD_DIM"], args["Q"].element_size(), args["HAS_DOCS"])]
+        if not kept:  # e.g. fp32 at head_dim 256: the smallest tiles, without multi-stage buffering
             c = _smallest(configs)
             return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=1)]
         short = [c for c in kept if c.kwargs["BLOCK_M"] <= max(t, 64) and c.kwargs["BLOCK_N"] <= max(s, 64)]
@@ -806,10 +810,10 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict, tuple]
 
 def _compile_variants():
     """Every kernel for fp16 and bf16, causal and not, head dims 64 and 128, with each autotune
-    config the pruner keeps; every other head dim for fp16 causal; windows + doc ids at fp16 D=64, 128."""
+    config the pruner keeps; every other head dim for fp16 causal; windows + doc ids at fp16 D=64, 128, 256."""
     combos = [(dtype, causal, d, False) for dtype in _ELEM_BYTES for causal in (True, False) for d in (64, 128)]
     combos += [("fp16", True, d, False) for d in HEAD_DIMS if d not in (64, 128)]
-    combos += [("fp16", True, d, True) for d in (64, 128)]
+    combos += [("fp16", True, d, True) for d in (64, 128, 256)]
     for dtype, causal, d, masks in combos:
         block_d = triton.next_power_of_2(d)
         meta = dict(HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, HAS_WINDOW=masks, HAS_DOCS=masks)
@@ -817,7 +821,7 @@ def _compile_variants():
         for kind, kernel in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
             sig, consts, aligned = _signature(kernel, dtype, meta)
             yield from compile_report.autotune_variants(
-                kernel, sig, consts, label, aligned, keep=lambda c, k=kind: fits(k, c, d, _ELEM_BYTES[dtype]))
+                kernel, sig, consts, label, aligned, keep=lambda c, k=kind: fits(k, c, d, _ELEM_BYTES[dtype], masks))
         if causal and not masks:  # the preprocess has no mask constexprs: once per dtype and head dim
             pre = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_preprocess_rows(block_d))
             sig, consts, aligned = _signature(_attn_bwd_preprocess_kernel, dtype, pre)

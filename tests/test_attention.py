@@ -225,18 +225,21 @@ def test_autotune_pruning(monkeypatch):
     the interpreter exactly one config runs."""
     tables = {"fwd": attn._FWD_CONFIGS, "dq": attn._DQ_CONFIGS, "dkdv": attn._DKDV_CONFIGS}
 
-    def prune(kind, dtype, t, s, d):
+    def prune(kind, dtype, t, s, d, docs=False):
         q = torch.empty(1, t, 2, d, dtype=dtype)
-        return attn._pruner(kind)(tables[kind], {"Q": q, "HEAD_DIM": d}, t_bucket=t, s_bucket=s)
+        return attn._pruner(kind)(tables[kind], {"Q": q, "HEAD_DIM": d}, t_bucket=t, s_bucket=s, HAS_DOCS=docs)
 
     for kind, configs in tables.items():
         if registry.interpreting():
             assert len(prune(kind, torch.float16, 4096, 4096, 64)) == 1
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         for d in attn.HEAD_DIMS:
-            assert any(attn.fits(kind, c, d, 2) for c in configs), (kind, d)
-        assert not all(attn.fits(kind, c, 256, 2) for c in configs), kind
+            for docs in (False, True):
+                assert any(attn.fits(kind, c, d, 2, docs) for c in configs), (kind, d, docs)
+        assert not all(attn.fits(kind, c, 256, 2, False) for c in configs), kind
         assert [c.num_stages for c in prune(kind, torch.float32, 4096, 4096, 256)] == [1]
+        with_docs, plain = (prune(kind, torch.float16, 4096, 4096, 64, docs) for docs in (True, False))
+        assert 1 <= len(with_docs) <= len(plain)
         assert all(c.kwargs["BLOCK_M"] <= 64 for c in prune(kind, torch.float16, 1, 4096, 64))
         assert len(prune(kind, torch.float16, 4096, 4096, 64)) > 1
         monkeypatch.undo()
