@@ -50,15 +50,15 @@ def _configs(table: dict) -> list:
 # both sm_80 and sm_90, as measured by `tritongpt kernels compile` (Triton 3.9; a config that
 # reached 254-255 registers at some head dim is kept below it). Forward and dQ hold BLOCK_M
 # queries and stream BLOCK_N keys; dK/dV holds BLOCK_N keys (two fp32 accumulators) and streams
-# BLOCK_M queries. At head_dim 256 dK/dV has only (16, 32, 8, 2): mma.sync even on sm_90.
+# BLOCK_M queries. At head_dim 256 dK/dV uses 32-key blocks over 8 warps: mma.sync even on sm_90.
 _FWD_TABLE = {(64, 32, 4, 3): (16, 128, 128), (64, 32, 8, 2): (256, 256, 256), (64, 64, 4, 3): (16, 64, 64),
-              (64, 64, 8, 2): (64, 128, 128), (128, 32, 4, 3): (16, 64, 32), (128, 64, 8, 3): (16, 128, 128),
+              (64, 64, 8, 2): (64, 128, 128), (128, 32, 4, 3): (16, 64, 32), (128, 64, 8, 3): (16, 128, 64),
               (128, 128, 8, 2): (16, 32, 32)}
-_DQ_TABLE = {(64, 32, 4, 3): (16, 128, 64), (64, 32, 8, 2): (16, 256, 256), (64, 64, 4, 2): (16, 64, 32),
-             (128, 32, 8, 3): (16, 128, 128), (128, 64, 8, 2): (16, 64, 64)}
-_DKDV_TABLE = {(16, 32, 8, 2): (16, 256, 256), (16, 64, 4, 2): (16, 64, 32), (16, 128, 8, 2): (16, 128, 32),
-               (32, 64, 4, 2): (16, 16, 16), (32, 128, 8, 3): (16, 32, 16), (64, 64, 4, 2): (16, 32, 16),
-               (64, 128, 8, 2): (16, 32, 16)}
+_DQ_TABLE = {(64, 16, 8, 2): (256, 256, 256), (64, 32, 4, 3): (16, 128, 64), (64, 32, 8, 2): (16, 256, 128),
+             (64, 64, 4, 2): (16, 64, 32), (128, 32, 8, 3): (16, 128, 64), (128, 64, 8, 2): (16, 64, 32)}
+_DKDV_TABLE = {(16, 32, 8, 1): (256, 256, 256), (16, 32, 8, 2): (16, 256, 128), (16, 64, 4, 2): (16, 64, 32),
+               (16, 128, 8, 2): (16, 128, 32), (32, 64, 4, 2): (16, 16, 16), (32, 128, 8, 3): (16, 32, 16),
+               (64, 64, 4, 2): (16, 32, 16), (64, 128, 8, 2): (16, 32, 16)}
 _TABLES = {"fwd": _FWD_TABLE, "dq": _DQ_TABLE, "dkdv": _DKDV_TABLE}
 _FWD_CONFIGS, _DQ_CONFIGS, _DKDV_CONFIGS = (_configs(t) for t in (_FWD_TABLE, _DQ_TABLE, _DKDV_TABLE))
 
@@ -80,8 +80,6 @@ def _pruner(kind: str):
     """early_config_prune for kernel `kind`: drop configs that do not fit this head dim / dtype, or
     whose blocks are longer than the sequences (rounded up to a power of two)."""
     def prune(configs, named_args, **kwargs):
-        if interpreting():  # the interpreter would "benchmark" every config: run one, the smallest
-            return [_smallest(configs)]
         args = {**named_args, **kwargs}
         t, s = args["t_bucket"], args["s_bucket"]
         kept = [c for c in configs if fits(kind, c, args["HEAD_DIM"], args["Q"].element_size(), args["HAS_DOCS"])]
@@ -94,10 +92,10 @@ def _pruner(kind: str):
 
 
 def _autotune(kind: str, configs: list):
-    """Tuned once per (power-of-two bucket of T and of S, head dim, causal, dtypes): a decode loop
+    """Tuned once per (power-of-two bucket of T and of S, head dim, masks, dtypes): a decode loop
     whose key length grows by one per step does not re-tune at every step."""
-    return triton.autotune(configs=configs, key=["t_bucket", "s_bucket", "HEAD_DIM", "CAUSAL"],
-                           prune_configs_by={"early_config_prune": _pruner(kind)})
+    key = ["t_bucket", "s_bucket", "HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_DOCS"]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _pruner(kind)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +643,15 @@ def _doc_args(doc_ids: Optional[torch.Tensor], device: torch.device) -> tuple[to
     return doc_ids, doc_ids.stride(0), doc_ids.stride(1)
 
 
+def _launch(kernel, grid, *args, **meta) -> None:
+    """Launch an autotuned kernel. The interpreter runs one config, the smallest, straight through
+    the jitted function: autotuning would run every config (Triton < 3.7 benchmarks even one)."""
+    if interpreting():
+        kernel.fn[grid](*args, **meta, **_smallest(kernel.configs).kwargs)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def _buckets(t: int, s: int) -> tuple[int, int]:
     return triton.next_power_of_2(t), triton.next_power_of_2(s)
 
@@ -667,9 +674,9 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device) if lse is None else lse
     docs, stride_db, stride_ds = _doc_args(doc_ids, q.device)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, docs, *q.stride(), *k.stride(), *v.stride(), *out.stride(), stride_db, stride_ds,
-        h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s), **_mask_meta(d, causal, window, doc_ids))
+    _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, docs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            stride_db, stride_ds, h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s),
+            **_mask_meta(d, causal, window, doc_ids))
     return out, lse
 
 
@@ -706,12 +713,12 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         out, dout, delta, *out.stride(), *dout.stride(), h, t,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows)
     shared = (h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s))
-    _attn_bwd_dkdv_kernel[lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * h_kv)](
-        q, k, v, dout, lse, delta, docs, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dk.stride(), *dv.stride(), stride_db, stride_ds, *shared, **meta)
-    _attn_bwd_dq_kernel[lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h)](
-        q, k, v, dout, lse, delta, docs, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-        *dq.stride(), stride_db, stride_ds, *shared, **meta)
+    _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * h_kv),
+            q, k, v, dout, lse, delta, docs, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dk.stride(), *dv.stride(), stride_db, stride_ds, *shared, **meta)
+    _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h),
+            q, k, v, dout, lse, delta, docs, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
+            *dq.stride(), stride_db, stride_ds, *shared, **meta)
     return dq, dk, dv
 
 
