@@ -1,5 +1,6 @@
 """Ahead-of-time compile report (kernels/compile_report.py): the LayerNorm kernels compile for
-sm_90 within its limits, and a broken variant is a failed row, not a crash.
+sm_90 within its limits, every registered kernel compiles in at least one config (every config,
+for sm_90 and sm_80, under -m slow), and a broken variant is a failed row, not a crash.
 
     python -m pytest -q tests/test_compile_report.py
 
@@ -87,3 +88,41 @@ def test_unknown_arch():
 def test_interpreter_is_refused():
     with pytest.raises(TritonGPTError, match="unset TRITON_INTERPRET"):
         compile_report.report("sm_90")
+
+
+# Child process: the first variant of every registered kernel, compiled for sm_90.
+FIRST_OF_EACH = """
+import dataclasses, json
+from tritongpt.kernels import compile_report as cr
+first = {}
+for v in cr.variants():
+    first.setdefault(v.name or v.kernel.__name__, v)
+print(json.dumps([dataclasses.asdict(cr.compile_variant(v, 90)) for v in first.values()]))
+"""
+
+
+def test_every_kernel_compiles_for_sm90():
+    """One config of each kernel (the full sweep is the slow test below and `tritongpt kernels
+    compile`); kernels that later issues register join automatically."""
+    out = subprocess.run([sys.executable, "-c", FIRST_OF_EACH], capture_output=True, text=True,
+                         env=compile_env(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} >= LAYER_NORM_KERNELS | {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                                                                "_attn_bwd_dq_kernel", "_mlp_matmul_kernel"}
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0, f"{r['kernel']} [{r['config']}]: {r['error']}"
+    dots = {r["kernel"]: r["tensor_cores"] for r in rows}
+    assert dots["_attn_fwd_kernel"] == dots["_mlp_matmul_kernel"] == "wgmma", dots
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_full_report_passes(arch):
+    """`tritongpt kernels compile --arch ARCH`: every kernel and config compiles, no spills."""
+    out = subprocess.run([sys.executable, "-m", "tritongpt", "kernels", "compile", "--arch", arch],
+                         capture_output=True, text=True, env=compile_env(), timeout=3000)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    head = next(line for line in out.stdout.splitlines() if line.startswith("# compile report"))
+    done, total = head.split(": ")[1].split(" ")[0].split("/")
+    assert done == total and int(total) > 100, head
