@@ -55,6 +55,8 @@ class ShardWriter:
         header[:3] = (MAGIC, VERSION, self.num_tokens)
         self._file.seek(0)
         self._file.write(header.tobytes())
+        self._file.flush()
+        os.fsync(self._file.fileno())  # on disk before the rename makes it visible
         self._file.close()
         os.replace(self._tmp, self.path)
         return self.path

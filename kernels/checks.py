@@ -91,6 +91,8 @@ def attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         require(not doc_ids.dtype.is_floating_point and doc_ids.dtype != torch.bool,
                 f"attention: doc_ids must be an integer tensor, got {doc_ids.dtype}")
         require(doc_ids.device == q.device, f"attention: doc_ids is on {doc_ids.device} but q is on {q.device}")
+        require(t <= s, f"attention: doc_ids need query length ({t}) <= key length ({s}): queries take the last "
+                        f"{t} key positions' documents")
     return b, t, s, h, h_kv, d
 
 

@@ -417,8 +417,9 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         db = s.new_empty(db_shape, dtype=param_dtype)
     else:
         dx, dw, db = out
-        for name, t, shape in (("dx", dx, s.shape), ("dweight", dw, dw_shape), ("dbias", db, db_shape)):
-            _check_out(name, t, shape, s, param_dtype)
+        for name, t, shape, dtype in (("dx", dx, s.shape, s.dtype), ("dweight", dw, dw_shape, param_dtype),
+                                      ("dbias", db, db_shape, param_dtype)):
+            _check_out(name, t, shape, s, dtype)
     has_dw = weight is not None
     if m == 0:
         dw.zero_()

@@ -213,6 +213,15 @@ def test_bad_masks_raise_one_clear_error(kwargs, message, device):
         attn.flash_attention(q, k, v, **kwargs)
 
 
+def test_doc_ids_with_more_queries_than_keys_is_an_error(device):
+    """Non-causal T > S has no key position for the first queries' documents."""
+    q, k, v = _qkv(device, t=8, s=4)
+    doc_ids = torch.randint(0, 2, (1, 4), device=device)
+    for fn in (attn.flash_attention, reference.attention, reference.sdpa_attention):
+        with pytest.raises(TritonGPTError, match=r"doc_ids need query length \(8\) <= key length \(4\)"):
+            fn(q, k, v, causal=False, doc_ids=doc_ids)
+
+
 def test_preallocated_outputs_are_checked(device):
     q, k, v = _qkv(device)
     with pytest.raises(TritonGPTError, match="dtype"):

@@ -46,6 +46,7 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
     ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
 ]
@@ -167,7 +168,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.forward = DDP(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # no buffer is trained or mutated (the sinusoidal table is a constant): skip the per-forward broadcast
+            self.forward = DDP(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
         self.peak = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.model.flops_per_token()
         self.backends = self.model.backend_names()
