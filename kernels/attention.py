@@ -296,9 +296,9 @@ def _attn_fwd_kernel(
     start_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
         start_m = tl.num_programs(0) - 1 - start_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
+    off_h = tl.program_id(1)  # heads and batch on axes 1 and 2: CUDA caps each at 65535, not their product
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * H + off_h  # row of Lse / Delta
     off_hkv = off_h // GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -333,7 +333,7 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))  # +inf: backward's p = 0
-    tl.store(Lse + off_bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+    tl.store(Lse + off_bh * T + offs_m, lse, mask=offs_m < T)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < T)[:, None] & (offs_d < HEAD_DIM)[None, :])
 
@@ -352,9 +352,9 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
+    off_h = tl.program_id(1)  # heads and batch on axes 1 and 2: CUDA caps each at 65535, not their product
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * H + off_h  # row of Lse / Delta
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
@@ -362,7 +362,7 @@ def _attn_bwd_preprocess_kernel(
     do = _load_tile(DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                     offs_m < T, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + off_bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    tl.store(Delta + off_bh * T + offs_m, delta, mask=offs_m < T)
 
 
 @triton.jit
@@ -457,9 +457,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
 ):
     start_n = tl.program_id(0)
-    off_bhkv = tl.program_id(1)
-    off_b = (off_bhkv // (H // GROUP)).to(tl.int64)
-    off_hkv = off_bhkv % (H // GROUP)
+    off_hkv = tl.program_id(1)
+    off_b = tl.program_id(2).to(tl.int64)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -584,9 +583,9 @@ def _attn_bwd_dq_kernel(
     start_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: schedule them first
         start_m = tl.num_programs(0) - 1 - start_m
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = off_bh % H
+    off_h = tl.program_id(1)  # heads and batch on axes 1 and 2: CUDA caps each at 65535, not their product
+    off_b = tl.program_id(2).to(tl.int64)
+    off_bh = off_b * H + off_h  # row of Lse / Delta
     off_hkv = off_h // GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -595,8 +594,8 @@ def _attn_bwd_dq_kernel(
                    offs_m < T, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)
     do = _load_tile(DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                     offs_m < T, offs_d < HEAD_DIM, True, HEAD_DIM != BLOCK_D)
-    lse = tl.load(Lse + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
-    delta = tl.load(Delta + off_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    lse = tl.load(Lse + off_bh * T + offs_m, mask=offs_m < T, other=float("inf"))
+    delta = tl.load(Delta + off_bh * T + offs_m, mask=offs_m < T, other=0.0)
     pos_q = offs_m + (S - T)
     doc_q = pos_q
     doc_base = DocIds + off_b * stride_db
@@ -673,7 +672,7 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device) if lse is None else lse
     docs, stride_db, stride_ds = _doc_args(doc_ids, q.device)
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), h, b)  # noqa: E731
     _launch(_attn_fwd_kernel, grid, q, k, v, out, lse, docs, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_db, stride_ds, h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s),
             **_mask_meta(d, causal, window, doc_ids))
@@ -709,14 +708,14 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
     delta = torch.empty_like(lse)
     rows = _preprocess_rows(meta["BLOCK_D"])
-    _attn_bwd_preprocess_kernel[(triton.cdiv(t, rows), b * h)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(t, rows), h, b)](
         out, dout, delta, *out.stride(), *dout.stride(), h, t,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows)
     shared = (h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s))
-    _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(s, m["BLOCK_N"]), b * h_kv),
+    _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(s, m["BLOCK_N"]), h_kv, b),
             q, k, v, dout, lse, delta, docs, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *dk.stride(), *dv.stride(), stride_db, stride_ds, *shared, **meta)
-    _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(t, m["BLOCK_M"]), b * h),
+    _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(t, m["BLOCK_M"]), h, b),
             q, k, v, dout, lse, delta, docs, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
             *dq.stride(), stride_db, stride_ds, *shared, **meta)
     return dq, dk, dv
