@@ -30,7 +30,6 @@ from typing import Callable, Iterator
 
 import torch
 
-import tritongpt.kernels  # noqa: F401  (registers every backend)
 from tritongpt.bench.report import blank_row, describe_error
 from tritongpt.kernels import registry
 

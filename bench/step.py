@@ -23,7 +23,6 @@ from typing import Callable
 
 import torch
 
-import tritongpt.kernels  # noqa: F401  (registers every backend)
 from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, free_memory
 from tritongpt.bench.report import blank_row, describe_error
 from tritongpt.errors import TritonGPTError
@@ -72,7 +71,7 @@ def combos(compile: bool = True) -> list[Combo]:
 
 def check_preset(preset: str) -> None:
     """Raise TritonGPTError for an unknown preset, before anything runs."""
-    from tritongpt.model import PRESETS
+    from tritongpt.model.config import PRESETS
     if preset not in PRESETS:
         raise TritonGPTError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
 
@@ -82,7 +81,7 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
              log: Callable[[str], None] = lambda message: None) -> list[dict]:
     """One row per combination (see `combos`). Every combination starts from the same seed and
     trains `warmup + steps` steps on the same batch; the last `steps` are timed."""
-    from tritongpt.model import GPTConfig
+    from tritongpt.model.config import GPTConfig
     check_preset(preset)
     config = GPTConfig.from_preset(preset)
     block = max(seq_len, config.block_size)
@@ -110,7 +109,7 @@ def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
 def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor],
                device: torch.device, dtype: torch.dtype, steps: int, warmup: int, ceiling: dict, seed: int,
                log: Callable[[str], None]) -> dict:
-    from tritongpt.model import GPT, GPTConfig
+    from tritongpt import GPT, GPTConfig
     b, t = batch[0].shape
     row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
                     size=t, dtype=str(dtype).removeprefix("torch."), backends=combo.label)

@@ -23,10 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt import kernels
+    from tritongpt.kernels import registry
     if args.kernels_command == "list":
-        for op in kernels.registry.OP_FLAGS:
-            print(f"{op:<11} --{kernels.registry.OP_FLAGS[op]:<10} {', '.join(kernels.backends(op))}")
+        for op in registry.OP_FLAGS:
+            print(f"{op:<11} --{registry.OP_FLAGS[op]:<10} {', '.join(registry.backends(op))}")
         return 0
     from tritongpt.kernels import compile_report
     rows = compile_report.report(args.arch, args.filter)

@@ -91,7 +91,8 @@ def autotune_variants(kernel: Any, signature: dict[str, str], constexprs: dict[s
 
 
 def variants() -> list[KernelVariant]:
-    import tritongpt.kernels  # noqa: F401  (importing the package registers every kernel file)
+    from tritongpt.kernels import registry
+    registry.load_builtins()  # importing the kernel files registers their variants
     return [v for provider in _PROVIDERS for v in provider()]
 
 

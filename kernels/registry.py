@@ -15,6 +15,7 @@ every op), so any backend can stand in for any other.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +37,22 @@ class Backend:
 
 
 _TABLE: dict[str, dict[str, Backend]] = {op: {} for op in OP_FLAGS}
+# Modules that register the built-in backends when imported. The registry imports them on first
+# use: `kernels/` is a namespace package (no __init__.py, so it never shadows another `kernels`
+# package when Python runs from the repository root), so nothing else would.
+BUILTIN_MODULES = ("tritongpt.kernels.reference", "tritongpt.kernels.layer_norm",
+                   "tritongpt.kernels.attention", "tritongpt.kernels.mlp")
+_loaded = False
+
+
+def load_builtins() -> None:
+    """Import the modules that register the built-in backends (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
 
 
 def register(op: str, name: str, fn: Callable, *, needs_triton: bool = False) -> Callable:
@@ -116,5 +133,6 @@ def resolve(op: str, choice: str | None = None, default: str | None = None,
 
 
 def _check_op(op: str) -> None:
+    load_builtins()
     if op not in _TABLE:
         raise TritonGPTError(f"unknown op {op!r}; ops: {', '.join(_TABLE)}")

@@ -1,6 +1,6 @@
 """GPTConfig: the shape of a GPT and the backend choice of each op, plus named presets.
 
-    from tritongpt.model import GPTConfig
+    from tritongpt.model.config import GPTConfig
     config = GPTConfig.from_preset("gpt2")                       # GPT-2 124M
     config = GPTConfig.from_preset("tiny", pos_embedding="rope")  # a CPU-sized model
 """

@@ -1,7 +1,7 @@
 """The GPT: GPT-2's architecture (nanoGPT-style, GPT-2 parameter names) whose attention,
 LayerNorm and MLP come from the backend registry.
 
-    from tritongpt.model import GPT, GPTConfig
+    from tritongpt import GPT, GPTConfig
     model = GPT(GPTConfig.from_preset("tiny", attention="sdpa"))
     logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
     out = model.eval().generate(idx, 50, temperature=0.8, top_k=200)

@@ -13,7 +13,7 @@ from _util import assert_rel_close, tol
 from test_model import VARIANTS, random_state, tiny_config
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.model import GPT
+from tritongpt.model.gpt import GPT
 from tritongpt.model import cli as attention_map
 from tritongpt.model.hf import load_hf, save_hf
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.model import GPT
+from tritongpt.model.gpt import GPT
 from tritongpt.train import checkpoint, config
 
 

@@ -9,7 +9,7 @@ from test_model import REAL_VOCAB, VARIANTS, random_state, tiny_config
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
-from tritongpt.model import GPT, sample
+from tritongpt.model.gpt import GPT, sample
 
 
 def model_for(variant: str = "mha-learned", dtype=torch.float64, **overrides) -> GPT:

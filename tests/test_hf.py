@@ -11,7 +11,7 @@ from _util import assert_rel_close, tol
 from test_model import random_state, tiny_config
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.model import GPT
+from tritongpt.model.gpt import GPT
 from tritongpt.model.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")

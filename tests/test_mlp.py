@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from _util import assert_rel_close, poison, rel_err, tol
 
-import tritongpt.kernels
+import tritongpt
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import mlp, reference, registry
 
@@ -155,7 +155,7 @@ def test_torch_compile_fullgraph_traces_the_custom_ops(device):
 
 def test_registered_backend():
     assert registry.resolve("mlp", "triton") is mlp.gelu_mlp
-    assert tritongpt.kernels.gelu_mlp is mlp.gelu_mlp
+    assert tritongpt.gelu_mlp is mlp.gelu_mlp
     assert {"torch", "triton"} <= set(registry.backends("mlp"))
 
 

@@ -12,7 +12,8 @@ from _util import assert_rel_close, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
-from tritongpt.model import GPT, PRESETS, GPTConfig
+from tritongpt.model.config import PRESETS, GPTConfig
+from tritongpt.model.gpt import GPT
 
 VOCAB, REAL_VOCAB = 128, 100  # padded rows 100..127 exist but are never predicted
 B, T = 2, 16

@@ -4,10 +4,13 @@ for unknown or unusable names, and `auto`.
     python -m pytest -q tests/test_registry.py
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tritongpt import kernels
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry, reference
 from tritongpt.kernels import layer_norm as triton_layer_norm
@@ -67,7 +70,16 @@ def test_precedence(levels, winner, clean_env):
 def test_resolve_returns_the_registered_callable(clean_env):
     assert registry.resolve(OP, "torch") is reference.layer_norm
     assert registry.resolve(OP, "triton") is triton_layer_norm.layer_norm
-    assert kernels.resolve is registry.resolve
+
+
+def test_registry_loads_the_builtin_backends_itself():
+    # no package __init__ imports the kernel files: the registry does, on first use
+    code = ("from tritongpt.kernels import registry\n"
+            "print(' '.join(f'{op}:{b}' for op in registry.OP_FLAGS for b in registry.backends(op)))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch"} <= set(out.stdout.split())
 
 
 def test_every_op_has_torch_and_auto_resolves(clean_env):

@@ -220,7 +220,7 @@ def test_default_command_prepares_tinyshakespeare(tmp_path):
 
 
 def test_sample_command_from_hf_directory(tmp_path, capsys):
-    from tritongpt.model import GPT, GPTConfig
+    from tritongpt import GPT, GPTConfig
     from tritongpt.model.hf import save_hf
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 
 from tritongpt.cli import main
 from tritongpt.errors import TritonGPTError
-from tritongpt.model import GPTConfig
+from tritongpt.model.config import GPTConfig
 from tritongpt.train import config
 from tritongpt.train.config import TRAIN_PRESETS, TrainConfig
 

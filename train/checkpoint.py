@@ -124,7 +124,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
 def model_from(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: Any = "checkpoint",
                **overrides: Any):
     """The GPT of a loaded checkpoint dict, in eval mode on `device`."""
-    from tritongpt.model import GPT, GPTConfig
+    from tritongpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
     load_weights(model, ckpt["model"], source)

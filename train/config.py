@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.model import PRESETS, GPTConfig
+from tritongpt.model.config import PRESETS, GPTConfig
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 

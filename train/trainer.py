@@ -126,7 +126,7 @@ def train(cfg: TrainConfig) -> int:
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: distributed.Dist) -> None:
         from tritongpt.data.loader import ShardLoader
-        from tritongpt.model import GPT
+        from tritongpt.model.gpt import GPT
 
         self.cfg, self.d, self.device = cfg, d, d.device
         self.out = Path(cfg.out)
