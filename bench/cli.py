@@ -1,12 +1,13 @@
 """`tritongpt bench`: kernel and training-step benchmarks.
 
     tritongpt bench all                           # every kernel sweep + the GPT-2 step, bf16, on the GPU
-    tritongpt bench attention --dtype fp16        # one op: attention, layer_norm or mlp
+    tritongpt bench attention --dtype fp16        # one op (`tritongpt kernels list` shows them)
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
     python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
 
-Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (a
+Prints a table on stdout (progress goes to stderr) and writes OUT (default ./bench-results,
+in the working directory)/<device>_<date>.json (a
 header object and the rows), .csv (the same rows) and one PNG per op when matplotlib is
 installed. On a CPU the times are CPU times, and Triton kernels run only under the
 interpreter (`TRITON_INTERPRET=1 tritongpt bench all --quick`), checked for correctness and
@@ -21,17 +22,18 @@ from pathlib import Path
 import torch
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.kernels.spec import DTYPES
+from tritongpt.model.config import check_preset
 
-HELP = "benchmark attention / layer_norm / mlp backends and GPT training steps"
-TARGETS = ("attention", "layer_norm", "mlp", "step", "all")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("bench-results")  # in the working directory, never inside the package
 # step defaults: (full, --quick)
 STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", choices=TARGETS, help="what to benchmark")
+    from tritongpt.kernels import registry
+
+    parser.add_argument("target", choices=(*registry.ops(), "step", "all"), help="an op, the training step, or all")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--quick", action="store_true",
@@ -67,7 +69,6 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if args.out.exists() and not args.out.is_dir():
         raise TritonGPTError(f"--out {args.out} exists and is not a directory")
     if args.target in ("step", "all"):
-        from tritongpt.bench.step import check_preset
         check_preset(args.preset)
     return device, DTYPES[args.dtype]
 
@@ -95,7 +96,7 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     log(f"measuring ceilings on {report.device_name(device)} ...")
     ceiling = kernels.ceilings(device, dtype, timer)
     rows, skipped = [], []
-    ops = kernels.OPS if args.target == "all" else [args.target] if args.target in kernels.OPS else []
+    ops = registry.ops() if args.target == "all" else [args.target] if args.target in registry.ops() else []
     for op in ops:
         op_rows, op_skipped = kernels.run_op(op, device=device, dtype=dtype, quick=args.quick, timer=timer,
                                              ceiling=ceiling, compile=args.compile, seed=args.seed, log=log)

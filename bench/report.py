@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -25,9 +24,12 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.files import atomic_write_bytes
+from tritongpt.kernels import registry
+
 # The columns of every row, kernel and step alike (a step row uses what applies to it).
 COLUMNS = (
-    "op",  # attention, layer_norm, mlp, or step
+    "op",  # a registered op (attention, layer_norm, mlp, ...), or step
     "provider",  # backend or peer name; for step rows the backend combination
     "mode",  # fwd, bwd, fwd+bwd; "train" for step rows
     "series",  # rows of one plot line: everything but the swept size
@@ -185,15 +187,6 @@ def stem(out_dir: Path, head: dict) -> str:
     return name
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _json_value(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -234,8 +227,8 @@ def write(out_dir: Path, head: dict, rows: list[dict]) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = stem(out_dir, head)
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
-    _write_atomic(paths[0], to_json(head, rows).encode())
-    _write_atomic(paths[1], to_csv(head, rows).encode())
+    atomic_write_bytes(paths[0], to_json(head, rows).encode())
+    atomic_write_bytes(paths[1], to_csv(head, rows).encode())
     return paths + plot(out_dir, name, head, rows)
 
 
@@ -265,7 +258,7 @@ def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        _write_atomic(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
     return paths
 
@@ -289,7 +282,7 @@ def _plot_kernel(plt, op: str, rows: list[dict]):
             ax.set_xticks(sizes, [str(x) for x in sizes], minor=False)
             ax.minorticks_off()
             ax.set_title(f"{s} {mode}", fontsize=9)
-            ax.set_xlabel({"attention": "T", "layer_norm": "N", "mlp": "C"}.get(op, "size"))
+            ax.set_xlabel(registry.spec(op).size_label)
             ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:

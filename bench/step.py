@@ -18,21 +18,21 @@ import contextlib
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from tritongpt.bench.kernels import INTERPRETER_NOTE, OPS, free_memory
+from tritongpt.bench.kernels import INTERPRETER_NOTE, free_memory
 from tritongpt.bench.report import blank_row, describe_error
-from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
+from tritongpt.kernels.spec import dtype_name
+from tritongpt.model.config import MODEL_OPS, check_preset
 
 BASELINE = "eager+sdpa"
 LOSS_FLAG = "LOSS DISAGREES"
 # Relative loss difference from the baseline allowed after the same steps, by compute dtype.
 LOSS_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-LR, BETAS, WEIGHT_DECAY = 6e-4, (0.9, 0.95), 0.1
 
 
 @dataclass(frozen=True)
@@ -43,37 +43,31 @@ class Combo:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{registry.OP_FLAGS[op]}={name}" for op, name in self.backends)
+        return " ".join(f"{op}={name}" for op, name in self.backends)
 
 
 def combos(compile: bool = True) -> list[Combo]:
     """The combinations to run: the eager and compiled baseline (SDPA attention, torch norm and
     MLP), then for each other registered backend name: all ops on it (eager, compiled) and each
     op alone on it."""
-    base = {op: "torch" for op in OPS}
+    base = {op: "torch" for op in MODEL_OPS}
     if "sdpa" in registry.backends("attention"):
         base["attention"] = "sdpa"
     found = [Combo(BASELINE, tuple(base.items()), False)]
     if compile:
         found.append(Combo("compile+sdpa", tuple(base.items()), True))
-    names = sorted({n for op in OPS for n in registry.backends(op)} - {"torch", "sdpa"})
+    # every other backend name, but not SDPA pinned to one of its kernels (the kernel sweeps show those)
+    names = sorted({n for op in MODEL_OPS for n in registry.backends(op) if n != "torch" and not n.startswith("sdpa")})
     for name in names:
-        ops_with = [op for op in OPS if name in registry.backends(op)]
-        if len(ops_with) == len(OPS):
-            every = tuple((op, name) for op in OPS)
+        ops_with = [op for op in MODEL_OPS if name in registry.backends(op)]
+        if len(ops_with) == len(MODEL_OPS):
+            every = tuple((op, name) for op in MODEL_OPS)
             found.append(Combo(name, every, False))
             if compile:
                 found.append(Combo(f"{name}+compile", every, True))
         for op in ops_with:
-            found.append(Combo(f"{registry.OP_FLAGS[op]}={name}", tuple({**base, op: name}.items()), False))
+            found.append(Combo(f"{op}={name}", tuple({**base, op: name}.items()), False))
     return found
-
-
-def check_preset(preset: str) -> None:
-    """Raise TritonGPTError for an unknown preset, before anything runs."""
-    from tritongpt.model.config import PRESETS
-    if preset not in PRESETS:
-        raise TritonGPTError(f"unknown model preset {preset!r}; presets: {', '.join(PRESETS)}")
 
 
 def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
@@ -112,10 +106,11 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     from tritongpt import GPT, GPTConfig
     b, t = batch[0].shape
     row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
-                    size=t, dtype=str(dtype).removeprefix("torch."), backends=combo.label)
-    uses_triton = any(registry.needs_triton(op, name) for op, name in combo.backends)
+                    size=t, dtype=dtype_name(dtype), backends=combo.label)
+    uses_triton = any(registry.backend(op, name).needs == "triton" for op, name in combo.backends)
     interpreted = uses_triton and registry.interpreting()  # correctness only, never timed
-    skip = ("needs a CUDA device (or TRITON_INTERPRET=1)" if uses_triton and not registry.triton_usable(device)
+    unusable = [f"{op}={name}" for op, name in combo.backends if not registry.usable(op, name, device)]
+    skip = (f"{', '.join(unusable)} cannot run on {device.type}" if unusable
             else "skipped: torch.compile around interpreted Triton kernels" if interpreted and combo.compiled
             else "")
     if skip:
@@ -125,11 +120,11 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     row["note"] = INTERPRETER_NOTE if interpreted else ""
     try:
         torch.manual_seed(seed)
-        config = GPTConfig.from_preset(preset, block_size=block, dropout=0.0,
-                                       **{registry.OP_FLAGS[op]: name for op, name in combo.backends})
+        config = GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **dict(combo.backends))
         model = GPT(config).to(device)
-        row["backends"] = " ".join(f"{registry.OP_FLAGS[op]}={n}" for op, n in model.backend_names().items())
-        optimizer = model.configure_optimizer(WEIGHT_DECAY, LR, BETAS, device.type)
+        row["backends"] = " ".join(f"{op}={n}" for op, n in model.backend_names().items())
+        run = train_defaults(preset)
+        optimizer = model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
         forward = torch.compile(model) if combo.compiled else model
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                     else contextlib.nullcontext())
@@ -169,6 +164,12 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         row["note"] = describe_error(exc)
         log(f"  failed: {row['note']}")
     return row
+
+
+def train_defaults(preset: str):
+    """The TrainConfig `tritongpt train --preset PRESET` would use: its optimizer settings."""
+    from tritongpt.train import config
+    return config.resolve({"preset": preset})
 
 
 def _sync(device: torch.device) -> None:

@@ -20,8 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tritongpt.data.shards import temp_sibling
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -90,20 +90,22 @@ def _download(name: str, asset: Asset) -> Path:
     """Fetch `asset` into cache_dir()/name via a temp file, verify its sha256, then rename."""
     target = cache_dir() / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(target)
-    try:
-        with open(tmp, "xb") as out:
-            if name == "gpt2.tiktoken":
-                import tiktoken.load  # tiktoken's own download, cached in its TIKTOKEN_CACHE_DIR
-                out.write(tiktoken.load.read_file_cached(asset.url, asset.sha256))
-            else:
-                with urllib.request.urlopen(asset.url, timeout=60) as response:
-                    for block in iter(lambda: response.read(1 << 20), b""):
-                        out.write(block)
-        got = sha256_of(tmp)
-        if got != asset.sha256:
-            raise ValueError(f"sha256 of the download is {got}, expected {asset.sha256}")
-        os.replace(tmp, target)
-        return target
-    finally:
-        tmp.unlink(missing_ok=True)
+    if name == "gpt2.tiktoken":
+        import tiktoken.load  # tiktoken's own download, cached in its TIKTOKEN_CACHE_DIR
+        atomic_write(target, lambda out: _write_checked(out, [tiktoken.load.read_file_cached(asset.url, asset.sha256)],
+                                                        asset.sha256))
+    else:
+        with urllib.request.urlopen(asset.url, timeout=60) as response:
+            atomic_write(target, lambda out: _write_checked(out, iter(lambda: response.read(1 << 20), b""),
+                                                            asset.sha256))
+    return target
+
+
+def _write_checked(out, blocks, sha256: str) -> None:
+    """Write `blocks` to `out`; raise (so nothing is kept) unless their sha256 is `sha256`."""
+    digest = hashlib.sha256()
+    for block in blocks:
+        digest.update(block)
+        out.write(block)
+    if digest.hexdigest() != sha256:
+        raise ValueError(f"sha256 of the download is {digest.hexdigest()}, expected {sha256}")

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 
-HELP = "tokenize a text corpus into llm.c token shards"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritongpt.data.prepare import DEFAULT_SHARD_TOKENS

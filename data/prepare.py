@@ -33,7 +33,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -42,9 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from tritongpt.data.assets import find_asset
-from tritongpt.data.shards import ShardWriter, temp_sibling
+from tritongpt.data.shards import ShardWriter
 from tritongpt.data.tokenizer import check_fits_uint16, get_encoding
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import staged_dir
+from tritongpt.progress import Progress
 
 CHUNK_CHARS = 1 << 20  # characters per tokenization piece and per worker task
 READ_BYTES = 1 << 20
@@ -79,20 +80,11 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
     total_bytes = sum(f.stat().st_size for f in files)
     workers = max(1, min(workers, math.ceil(total_bytes / CHUNK_CHARS)))  # no more processes than tasks
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = temp_sibling(out)
-    staging.mkdir()
-    try:
+    with staged_dir(out) as staging:
         meta = _write_shards(staging, single_file, files, encoding, tokenizer, val_fraction, shard_tokens, workers,
                              _Progress(total_bytes, enabled=progress))
         meta["source"] = str(source)
-        meta_tmp = temp_sibling(staging / "meta.json")
-        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        meta_tmp.rename(staging / "meta.json")
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -335,13 +327,11 @@ class _SplitShards:
 class _Progress:
     """Bytes read and tokens written, on stderr: a redrawn bar on a terminal, else a line per 10%."""
 
-    def __init__(self, total_bytes: int, enabled: bool = True, stream=None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = self.stream.isatty()
-        self.total = max(total_bytes, 1)
+    def __init__(self, total_bytes: int, enabled: bool = True):
+        self.bar = Progress(total_bytes, label="prepare", enabled=enabled, stream=sys.stderr,
+                            counter=lambda done, total: f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB")
         self.bytes = self.tokens = 0
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
         self.next_decile = 1
 
     def add_bytes(self, n: int) -> None:
@@ -353,39 +343,15 @@ class _Progress:
 
     def finish(self) -> None:
         self._show(final=True)
+        self.bar.close()
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(f"prepare: {text}\n")
-            self.stream.flush()
+        self.bar.write(f"prepare: {text}")
 
     def _show(self, final: bool) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        fraction = min(self.bytes / self.total, 1.0)
-        if self.tty and not final and now - self.last < 0.1:
-            return
-        if not self.tty and not final and (fraction * 10 < self.next_decile or fraction == 1.0):
-            return
-        self.last, self.next_decile = now, int(fraction * 10) + 1
-        rate = self.tokens / max(now - self.start, 1e-9)
-        bar = "#" * int(fraction * 30)
-        line = (f"prepare [{bar:<30}] {fraction:6.1%} {self.bytes / 1e6:,.1f}/{self.total / 1e6:,.1f} MB "
-                f"{self.tokens:,} tokens {rate:,.0f} tok/s")
-        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
-        self.stream.flush()
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Rename the finished `staging` directory to `out`; an existing `out` is removed only afterwards."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = temp_sibling(out)
-    out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old)
-
+        fraction = min(self.bytes / self.bar.total, 1.0)
+        decile = fraction * 10 >= self.next_decile and fraction < 1.0
+        if decile:
+            self.next_decile = int(fraction * 10) + 1
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.bytes, f"{fraction:6.1%} {self.tokens:,} tokens {rate:,.0f} tok/s", log=final or decile)

@@ -11,12 +11,12 @@ Every file is written to a temp name beside its target and renamed, so none is e
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import commit, temp_sibling
 
 MAGIC = 20240520
 VERSION = 1
@@ -24,11 +24,6 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
 VOCAB_CHECK_CHUNK = 1 << 24  # tokens per max() when checking ids against a vocabulary
-
-
-def temp_sibling(path: Path) -> Path:
-    """A fresh hidden name beside `path`, to write to and then rename onto `path`."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
 class ShardWriter:
@@ -58,7 +53,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())  # on disk before the rename makes it visible
         self._file.close()
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -24,7 +24,7 @@ GPT2_EOT = 50256
 UINT16_LIMIT = 1 << 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding(name: str = "gpt2") -> tiktoken.Encoding:
     """The tiktoken encoding `name`; "gpt2" comes from the gpt2.tiktoken asset, without network."""
     if name == "gpt2":

@@ -23,14 +23,15 @@ there is no TMA / warp-specialized path.
     tritongpt kernels compile --arch sm_90 --filter attn
 """
 
+import functools
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels import checks, compile_report, registry
+from tritongpt.errors import require
+from tritongpt.kernels import attention_spec, checks, compile_report, registry
 from tritongpt.kernels.registry import interpreting
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
@@ -625,17 +626,17 @@ def _attn_bwd_dq_kernel(
 # 2. Launchers: validate, allocate, grid, launch (no autograd)
 # ----------------------------------------------------------------------------------------------
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: Optional[int],
-           doc_ids: Optional[torch.Tensor], **outputs: Optional[torch.Tensor]) -> tuple[int, ...]:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
+           doc_ids: torch.Tensor | None, **outputs: torch.Tensor | None) -> tuple[int, ...]:
     """Shared attention checks + what these kernels need; returns (B, T, S, H, H_kv, D)."""
-    b, t, s, h, h_kv, d = checks.attention_shapes(q, k, v, causal, window, doc_ids)
-    checks.require(d in HEAD_DIMS, f"attention: triton backend supports head_dim in {HEAD_DIMS}, got {d}")
+    b, t, s, h, h_kv, d = attention_spec.check(q, k, v, causal, window, doc_ids)
+    require(d in HEAD_DIMS, f"attention: triton backend supports head_dim in {HEAD_DIMS}, got {d}")
     checks.triton_device("attention", q=q, k=k, v=v, **outputs)
     checks.same_kind("attention", "q", q, **outputs)
     return b, t, s, h, h_kv, d
 
 
-def _doc_args(doc_ids: Optional[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, int]:
+def _doc_args(doc_ids: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int, int]:
     """DocIds pointer and strides; an empty placeholder when there are no doc ids."""
     if doc_ids is None:
         return torch.empty(0, dtype=torch.int64, device=device), 0, 0
@@ -655,20 +656,20 @@ def _buckets(t: int, s: int) -> tuple[int, int]:
     return triton.next_power_of_2(t), triton.next_power_of_2(s)
 
 
-def _mask_meta(d: int, causal: bool, window: Optional[int], doc_ids: Optional[torch.Tensor]) -> dict:
+def _mask_meta(d: int, causal: bool, window: int | None, doc_ids: torch.Tensor | None) -> dict:
     return dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal,
                 HAS_WINDOW=window is not None, HAS_DOCS=doc_ids is not None)
 
 
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                   window: Optional[int], doc_ids: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
-                   lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   window: int | None, doc_ids: torch.Tensor | None, out: torch.Tensor | None = None,
+                   lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launch. Returns (out (B, T, H, D), lse (B, H, T) fp32 base-2 log-sum-exp). `out` and
     `lse` may be preallocated (any strides for `out` with a unit last stride; `lse` contiguous)."""
     b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, out=out)
-    checks.require(out is None or out.shape == q.shape, f"attention: out must have q's shape {tuple(q.shape)}")
-    checks.require(lse is None or (lse.shape == (b, h, t) and lse.dtype == torch.float32 and lse.is_contiguous()),
-                   f"attention: lse must be a contiguous fp32 ({b}, {h}, {t}) tensor")
+    require(out is None or out.shape == q.shape, f"attention: out must have q's shape {tuple(q.shape)}")
+    require(lse is None or (lse.shape == (b, h, t) and lse.dtype == torch.float32 and lse.is_contiguous()),
+            f"attention: lse must be a contiguous fp32 ({b}, {h}, {t}) tensor")
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device) if lse is None else lse
     docs, stride_db, stride_ds = _doc_args(doc_ids, q.device)
@@ -685,9 +686,9 @@ def _preprocess_rows(block_d: int) -> int:
 
 
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool, softmax_scale: float, window: Optional[int],
-                   doc_ids: Optional[torch.Tensor], dq: Optional[torch.Tensor] = None,
-                   dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None,
+                   lse: torch.Tensor, causal: bool, softmax_scale: float, window: int | None,
+                   doc_ids: torch.Tensor | None, dq: torch.Tensor | None = None,
+                   dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launch: delta = rowsum(dO * O), then the dK/dV and dQ passes. Returns (dq, dk, dv);
     each may be preallocated with its input's shape and a unit last stride."""
@@ -696,10 +697,10 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
     for name, given, like in (("dout", dout, q), ("out", out, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if given is not None:
-            checks.require(given.shape == like.shape,
-                           f"attention: {name} must have shape {tuple(like.shape)}, got {tuple(given.shape)}")
-    checks.require(lse.shape == (b, h, t) and lse.dtype == torch.float32 and lse.is_contiguous(),
-                   f"attention: lse must be a contiguous fp32 ({b}, {h}, {t}) tensor")
+            require(given.shape == like.shape,
+                    f"attention: {name} must have shape {tuple(like.shape)}, got {tuple(given.shape)}")
+    require(lse.shape == (b, h, t) and lse.dtype == torch.float32 and lse.is_contiguous(),
+            f"attention: lse must be a contiguous fp32 ({b}, {h}, {t}) tensor")
     dq = torch.empty_like(q, memory_format=torch.contiguous_format) if dq is None else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
@@ -726,8 +727,8 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
-def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                       causal: bool, softmax_scale: float, window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                       causal: bool, softmax_scale: float, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     return flash_attn_fwd(q, k, v, causal, softmax_scale, window, doc_ids)
 
 
@@ -739,8 +740,8 @@ def _(q, k, v, doc_ids, causal, softmax_scale, window):
 
 @torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, doc_ids: Optional[torch.Tensor], causal: bool, softmax_scale: float,
-                       window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       lse: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool, softmax_scale: float,
+                       window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, window, doc_ids)
 
 
@@ -770,8 +771,8 @@ _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    softmax_scale: Optional[float] = None, window: Optional[int] = None,
-                    doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    softmax_scale: float | None = None, window: int | None = None,
+                    doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v without materializing the scores. q: (B, T, H, D); k, v:
     (B, S, H_kv, D) with H_kv dividing H; head_dim in HEAD_DIMS. Same semantics as
     `reference.attention` (causal aligns bottom-right; window; doc_ids (B, S))."""
@@ -781,7 +782,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out
 
 
-registry.register("attention", "triton", flash_attention, needs_triton=True)
+registry.register("attention", "triton", flash_attention, needs="triton", deterministic=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -814,6 +815,11 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict, tuple]
     return sig, consts, tuple(aligned)
 
 
+def _keeps(kind: str, d: int, elem_bytes: int, masks: bool, cfg: triton.Config) -> bool:
+    """`fits` with the config last, for functools.partial."""
+    return fits(kind, cfg, d, elem_bytes, masks)
+
+
 def _compile_variants():
     """Every kernel for fp16 and bf16, causal and not, head dims 64 and 128, with each autotune
     config the pruner keeps; every other head dim for fp16 causal; windows + doc ids at fp16 D=64, 128, 256."""
@@ -826,8 +832,8 @@ def _compile_variants():
         label = f"{dtype} D={d} causal={causal}" + (" window+docs" if masks else "")
         for kind, kernel in (("fwd", _attn_fwd_kernel), ("dkdv", _attn_bwd_dkdv_kernel), ("dq", _attn_bwd_dq_kernel)):
             sig, consts, aligned = _signature(kernel, dtype, meta)
-            yield from compile_report.autotune_variants(
-                kernel, sig, consts, label, aligned, keep=lambda c, k=kind: fits(k, c, d, _ELEM_BYTES[dtype], masks))
+            keep = functools.partial(_keeps, kind, d, _ELEM_BYTES[dtype], masks)
+            yield from compile_report.autotune_variants(kernel, sig, consts, label, aligned, keep=keep)
         if causal and not masks:  # the preprocess has no mask constexprs: once per dtype and head dim
             pre = dict(HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_preprocess_rows(block_d))
             sig, consts, aligned = _signature(_attn_bwd_preprocess_kernel, dtype, pre)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "list backends; AOT-compile every Triton kernel config for a GPU arch"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kernels_command", required=True, metavar="{list,compile}")
-    sub.add_parser("list", help="ops and their registered backends", description="Ops and their registered backends.")
+    sub.add_parser("list", help="ops and their registered backends",
+                   description="Ops, the flag and environment variable that pick each one's backend, and its "
+                               "registered backends ('not here': needs a GPU this machine lacks).")
     comp = sub.add_parser("compile", help="compile every kernel config for an arch and report regs/smem/spills",
                           description="Compile every registered Triton kernel and autotune config for a GPU "
                                       "architecture without a GPU; exit 1 if any fails, spills, or exceeds shared memory.")
@@ -25,8 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tritongpt.kernels import registry
     if args.kernels_command == "list":
-        for op in registry.OP_FLAGS:
-            print(f"{op:<11} --{registry.OP_FLAGS[op]:<10} {', '.join(registry.backends(op))}")
+        rows = [(op, "--" + op.replace("_", "-"), registry.env_var(op),
+                 ", ".join(f"{n}{'' if registry.usable(op, n) else ' (not here)'}" for n in registry.backends(op)))
+                for op in registry.ops()]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
         return 0
     from tritongpt.kernels import compile_report
     rows = compile_report.report(args.arch, args.filter)

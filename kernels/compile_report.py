@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -92,7 +93,7 @@ def autotune_variants(kernel: Any, signature: dict[str, str], constexprs: dict[s
 
 def variants() -> list[KernelVariant]:
     from tritongpt.kernels import registry
-    registry.load_builtins()  # importing the kernel files registers their variants
+    registry.load()  # importing the kernel files registers their variants
     return [v for provider in _PROVIDERS for v in provider()]
 
 

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels import checks, compile_report, registry
-
+from tritongpt.errors import require
+from tritongpt.kernels import checks, compile_report, layer_norm_spec, registry
 
 # ----------------------------------------------------------------------------------------------
 # 1. Triton kernels
@@ -333,17 +333,17 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   residual: torch.Tensor | None) -> int:
-    n = checks.layer_norm_shapes(x, weight, bias, residual)
+    n = layer_norm_spec.check(x, weight, bias, residual)
     checks.triton_device("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
     return n
 
 
 def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
                dtype: torch.dtype) -> None:
-    checks.require(tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == like.device
-                   and t.is_contiguous(),
-                   f"layer_norm: out {name} must be a contiguous {tuple(shape)} {dtype} tensor on "
-                   f"{like.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    require(tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == like.device
+            and t.is_contiguous(),
+            f"layer_norm: out {name} must be a contiguous {tuple(shape)} {dtype} tensor on "
+            f"{like.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -354,7 +354,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     residual is None); mean and rstd are fp32 (M,) with M = x.numel() // N. `out` optionally
     supplies those four tensors preallocated (tests poison them)."""
     n = _check_inputs(x, weight, bias, residual)
-    checks.require(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
+    require(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
     x2 = _rows(x, n)
     m = x2.shape[0]
     if out is None:
@@ -400,14 +400,14 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
     checks.same_kind("layer_norm", "s", s, dy=dy, ds=ds)
     checks.triton_device("layer_norm", dy=dy, ds=ds)
     for name, t in (("dy", dy), ("ds", ds)):
-        checks.require(t is None or t.shape == s.shape,
-                       f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} "
-                       f"!= input shape {tuple(s.shape)}")
+        require(t is None or t.shape == s.shape,
+                f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} "
+                f"!= input shape {tuple(s.shape)}")
     s2, dy2 = _rows(s, n), _rows(dy, n)
     m = s2.shape[0]
     for name, t in (("mean", mean), ("rstd", rstd)):
-        checks.require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
-                       f"layer_norm: {name} must be fp32 ({m},) on {s.device}, got {tuple(t.shape)} {t.dtype}")
+        require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
+                f"layer_norm: {name} must be fp32 ({m},) on {s.device}, got {tuple(t.shape)} {t.dtype}")
     param_dtype = weight.dtype if weight is not None else s.dtype
     dw_shape = (n,) if weight is not None else (0,)
     db_shape = (n,) if has_bias else (0,)
@@ -520,7 +520,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     return y if residual is None else (y, s)
 
 
-registry.register("layer_norm", "triton", layer_norm, needs_triton=True)
+registry.register("layer_norm", "triton", layer_norm, needs="triton", deterministic=True)
 
 
 # ----------------------------------------------------------------------------------------------

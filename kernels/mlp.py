@@ -16,13 +16,13 @@ kernel (saves 2 * M * hidden activations per block).
     tritongpt kernels compile --arch sm_90 --filter mlp_matmul  # AOT compile report, no GPU
 """
 
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from tritongpt.kernels import checks, compile_report, registry
+from tritongpt.errors import require
+from tritongpt.kernels import checks, compile_report, mlp_spec, registry
 
 EPILOGUES = ("linear", "residual", "gelu", "gelu_save_h", "gelu_grad")
 
@@ -171,8 +171,8 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                 epilogue: str = "linear", aux: Optional[torch.Tensor] = None,
+def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 epilogue: str = "linear", aux: torch.Tensor | None = None,
                  approximate: str = "tanh") -> torch.Tensor:
     """C = a @ b (+ bias), then per element, by `epilogue`:
         "linear"       C = acc
@@ -182,23 +182,23 @@ def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] 
         "gelu_grad"    C = acc * gelu'(aux)
     a (M, K) and b (K, N) take any strides (pass `w.t()` for a weight in nn.Linear layout);
     fp32 accumulation; C (M, N) has a's dtype."""
-    checks.require(epilogue in EPILOGUES, f"mlp: unknown epilogue {epilogue!r}; choices: {', '.join(EPILOGUES)}")
-    checks.require(approximate in checks.GELU_FORMS,
-                   f"mlp: approximate must be one of {checks.GELU_FORMS}, got {approximate!r}")
-    checks.require(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
-                   f"mlp: matmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
+    require(epilogue in EPILOGUES, f"mlp: unknown epilogue {epilogue!r}; choices: {', '.join(EPILOGUES)}")
+    require(approximate in mlp_spec.GELU_FORMS,
+            f"mlp: approximate must be one of {mlp_spec.GELU_FORMS}, got {approximate!r}")
+    require(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
+            f"mlp: matmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
     m, k = a.shape
     n = b.shape[1]
-    checks.require(bias is None or tuple(bias.shape) == (n,), f"mlp: bias must be ({n},)")
-    checks.require((aux is not None) == (epilogue != "linear" and epilogue != "gelu"),
-                   f"mlp: epilogue {epilogue!r} {'needs' if aux is None else 'takes no'} aux tensor")
-    checks.require(aux is None or tuple(aux.shape) == (m, n), f"mlp: aux must be ({m}, {n})")
-    checks.require(k >= 1, "mlp: matmul needs K >= 1")
+    require(bias is None or tuple(bias.shape) == (n,), f"mlp: bias must be ({n},)")
+    require((aux is not None) == (epilogue != "linear" and epilogue != "gelu"),
+            f"mlp: epilogue {epilogue!r} {'needs' if aux is None else 'takes no'} aux tensor")
+    require(aux is None or tuple(aux.shape) == (m, n), f"mlp: aux must be ({m}, {n})")
+    require(k >= 1, "mlp: matmul needs K >= 1")
     checks.same_kind("mlp", "a", a, b=b, bias=bias, aux=aux)
     # a and b may have any strides (w.t(), an expanded dy), so no triton_device stride check here
-    checks.require(a.dtype != torch.float64 and (a.device.type == "cuda" or registry.interpreting()),
-                   f"mlp: triton matmul needs fp32/fp16/bf16 CUDA tensors (or TRITON_INTERPRET=1), "
-                   f"got {a.dtype} on {a.device}")
+    require(a.dtype != torch.float64 and (a.device.type == "cuda" or registry.interpreting()),
+            f"mlp: triton matmul needs fp32/fp16/bf16 CUDA tensors (or TRITON_INTERPRET=1), "
+            f"got {a.dtype} on {a.device}")
     c = _empty(m, n, a)
     if m == 0:
         return c
@@ -216,19 +216,19 @@ def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] 
     return c
 
 
-def mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], approximate: str,
-                save_h: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+def mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None, residual: torch.Tensor | None, approximate: str,
+                save_h: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """x (M, C) -> (y (M, C), h (M, Hid) or None unless save_h, a = gelu(h) (M, Hid)). Two launches."""
-    checks.mlp_shapes(x, w1, b1, w2, b2, approximate, residual)
+    mlp_spec.check(x, w1, b1, w2, b2, approximate, residual)
     h = _empty(x.shape[0], w1.shape[0], x) if save_h else None
     a = fused_matmul(x, w1.t(), b1, epilogue="gelu_save_h" if save_h else "gelu", aux=h, approximate=approximate)
     y = fused_matmul(a, w2.t(), b2, epilogue="linear" if residual is None else "residual", aux=residual)
     return y, h, a
 
 
-def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-                 w2: torch.Tensor, h: Optional[torch.Tensor], a: Optional[torch.Tensor],
+def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+                 w2: torch.Tensor, h: torch.Tensor | None, a: torch.Tensor | None,
                  approximate: str) -> tuple[torch.Tensor, ...]:
     """Gradients (dx, dW1, db1, dW2, db2) of y = gelu(x W1^T + b1) W2^T + b2 given dy (M, C).
     h and a None: recompute both with the forward's fused kernel (the `recompute` mode)."""
@@ -248,8 +248,8 @@ def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Option
 # ----------------------------------------------------------------------------- custom ops + autograd
 
 @torch.library.custom_op("tritongpt::gelu_mlp_forward", mutates_args=())
-def _forward_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-                b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], approximate: str,
+def _forward_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None, residual: torch.Tensor | None, approximate: str,
                 recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, a) on 2-D x; h and a are what backward keeps, empty (0,) tensors when recompute."""
     y, h, a = mlp_forward(x, w1, b1, w2, b2, residual, approximate, save_h=not recompute)
@@ -265,7 +265,7 @@ def _(x, w1, b1, w2, b2, residual, approximate, recompute):
 
 
 @torch.library.custom_op("tritongpt::gelu_mlp_backward", mutates_args=())
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+def _backward_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                  w2: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
                  approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dW1, db1, dW2, db2); empty h and a (the recompute mode) are recomputed."""
@@ -300,20 +300,20 @@ torch.library.register_autograd("tritongpt::gelu_mlp_forward", _backward, setup_
 
 # ----------------------------------------------------------------------------- public functional
 
-def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-             b2: Optional[torch.Tensor], approximate: str = "tanh", residual: Optional[torch.Tensor] = None,
+def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None, approximate: str = "tanh", residual: torch.Tensor | None = None,
              recompute: bool = False) -> torch.Tensor:
     """y = gelu(x @ w1^T + b1) @ w2^T + b2 (+ residual) on Triton; the `mlp` op's contract
     (kernels/reference.py). x (..., C); w1 (Hid, C), w2 (C, Hid) in nn.Linear layout.
     recompute=True keeps no hidden activations for backward and recomputes them there."""
-    m, c, _ = checks.mlp_shapes(x, w1, b1, w2, b2, approximate, residual)
+    m, c, _ = mlp_spec.check(x, w1, b1, w2, b2, approximate, residual)
     checks.triton_device("mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
     r = residual.reshape(m, c) if residual is not None else None
     y, _, _ = _forward_op(x.reshape(m, c), w1, b1, w2, b2, r, approximate, recompute)
     return y.reshape(x.shape)
 
 
-registry.register("mlp", "triton", gelu_mlp, needs_triton=True)
+registry.register("mlp", "triton", gelu_mlp, needs="triton", deterministic=True)
 
 
 # ----------------------------------------------------------------------------- compile report

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from tritongpt.errors import TritonGPTError
+from tritongpt.errors import TritonGPTError, require
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
+MODEL_OPS = ("attention", "layer_norm", "mlp")  # the registry ops a GPT calls: each a field below
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50304  # embedding rows: GPT-2's 50257 tokens padded to a multiple of 64
     real_vocab_size: int = 50257  # ids >= this are padding rows, never predicted or sampled
@@ -31,10 +32,10 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares its weight with the token embedding (GPT-2: True)
     label_smoothing: float = 0.0  # label smoothing of the training loss
     rope_base: float = 10000.0  # RoPE frequency base (pos_embedding="rope" only)
-    attention: str | None = None  # attention backend (registry name or "auto"); None: registry chain
-    norm: str | None = None  # LayerNorm backend; None: registry chain
-    mlp: str | None = None  # MLP backend; None: registry chain
-    backend: str | None = None  # default backend for every op (like --backend); None: registry chain
+    attention: str | None = None  # attention backend (registry name or "auto"); None: `backend`
+    layer_norm: str | None = None  # LayerNorm backend; None: `backend`
+    mlp: str | None = None  # MLP backend; None: `backend`
+    backend: str | None = None  # backend of every op left None (registry name or "auto"); None: auto
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,39 +51,34 @@ class GPTConfig:
 
     def validate(self) -> None:
         """Raise TritonGPTError naming the first inconsistent field."""
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise TritonGPTError(f"GPTConfig: {message}")
-
         for name in ("vocab_size", "real_vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+            require(isinstance(value, int) and value >= 1, f"GPTConfig: {name} must be an int >= 1, got {value!r}")
         require(self.real_vocab_size <= self.vocab_size,
-                f"real_vocab_size ({self.real_vocab_size}) must be <= vocab_size ({self.vocab_size})")
+                f"GPTConfig: real_vocab_size ({self.real_vocab_size}) must be <= vocab_size ({self.vocab_size})")
         require(self.n_embd % self.n_head == 0,
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         require(self.n_kv_head is None or (isinstance(self.n_kv_head, int) and self.n_kv_head >= 1),
-                f"n_kv_head must be None or an int >= 1, got {self.n_kv_head!r}")
+                f"GPTConfig: n_kv_head must be None or an int >= 1, got {self.n_kv_head!r}")
         require(self.n_head % self.kv_heads == 0,
-                f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+                f"GPTConfig: n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         require(self.pos_embedding in POS_EMBEDDINGS,
-                f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
+                f"GPTConfig: pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
         require(self.pos_embedding != "rope" or self.head_dim % 2 == 0,
-                f"pos_embedding='rope' needs an even head dim, got n_embd // n_head = {self.head_dim}")
+                f"GPTConfig: pos_embedding='rope' needs an even head dim, got n_embd // n_head = {self.head_dim}")
         require(self.pos_embedding != "sinusoidal" or self.n_embd % 2 == 0,
-                f"pos_embedding='sinusoidal' needs an even n_embd, got {self.n_embd}")
-        require(self.rope_base > 0, f"rope_base must be > 0, got {self.rope_base!r}")
+                f"GPTConfig: pos_embedding='sinusoidal' needs an even n_embd, got {self.n_embd}")
+        require(self.rope_base > 0, f"GPTConfig: rope_base must be > 0, got {self.rope_base!r}")
         require(self.window is None or (isinstance(self.window, int) and self.window >= 1),
-                f"window must be None or an int >= 1, got {self.window!r}")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+                f"GPTConfig: window must be None or an int >= 1, got {self.window!r}")
+        require(0.0 <= self.dropout < 1.0, f"GPTConfig: dropout must be in [0, 1), got {self.dropout!r}")
         require(0.0 <= self.label_smoothing < 1.0,
-                f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+                f"GPTConfig: label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
         """The preset `name` (see PRESETS) with some fields replaced."""
-        if name not in PRESETS:
-            raise TritonGPTError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        check_preset(name)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -102,3 +98,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=64, block_size=64),
     "small": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
 }
+
+
+def check_preset(name: str) -> None:
+    """Raise TritonGPTError unless `name` is one of PRESETS."""
+    require(name in PRESETS, f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tritongpt.errors import TritonGPTError
+from tritongpt.errors import TritonGPTError, require
 from tritongpt.kernels import registry
-from tritongpt.model.config import GPTConfig
-from tritongpt.model.layers import (Block, LayerNorm, compute_dtype, init_weights, residual_std, rope_angles,
-                                    sinusoidal_table)
+from tritongpt.model.config import MODEL_OPS, GPTConfig
+from tritongpt.model.layers import (
+    Block,
+    LayerNorm,
+    compute_dtype,
+    init_weights,
+    residual_std,
+    rope_angles,
+    sinusoidal_table,
+)
 
 
 class KVCache:
@@ -64,16 +71,16 @@ class GPT(nn.Module):
 
     # ---- backends -------------------------------------------------------------------------
 
-    def set_backends(self, attention: str | None = None, norm: str | None = None, mlp: str | None = None,
-                     backend: str | None = None) -> None:
-        """Re-resolve the ops of every module. A None argument keeps the current choice; "auto"
-        returns an op to the registry chain. Raises (changing nothing) on an unknown or
-        unusable backend. The choices are recorded in self.config."""
-        choices = dict(attention=attention, norm=norm, mlp=mlp, backend=backend)
-        changes = {k: v for k, v in choices.items() if v is not None}
-        config = dataclasses.replace(self.config, **changes)
-        for op in registry.OP_FLAGS:
-            registry.choose(op, getattr(config, registry.OP_FLAGS[op]), config.backend)
+    def set_backends(self, **choices: str) -> None:
+        """Re-resolve the ops of every module, e.g. set_backends(attention="sdpa"): keyword
+        arguments are MODEL_OPS names or `backend`; "auto" returns an op to the default. Raises
+        (changing nothing) on an unknown or unusable backend. The choices land in self.config."""
+        unknown = sorted(set(choices) - {*MODEL_OPS, registry.GLOBAL})
+        if unknown:
+            raise TritonGPTError(f"set_backends: unknown op(s) {', '.join(unknown)}; ops: {', '.join(MODEL_OPS)}")
+        config = dataclasses.replace(self.config, **choices)
+        for op in MODEL_OPS:
+            registry.choose(op, getattr(config, op), config.backend)
         for module in self.modules():
             if hasattr(module, "resolve_op"):
                 module.resolve_op(config)
@@ -229,15 +236,11 @@ class GPT(nn.Module):
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                     eos_id: int | None, vocab: int) -> None:
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise TritonGPTError(f"generate: {message}")
-
-    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    require(temperature >= 0 and math.isfinite(temperature), f"temperature must be >= 0 (0: greedy), got {temperature!r}")
-    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), f"top_k must be None or an int >= 1, got {top_k!r}")
-    require(top_p is None or 0.0 < top_p <= 1.0, f"top_p must be None or in (0, 1], got {top_p!r}")
-    require(eos_id is None or 0 <= eos_id < vocab, f"eos_id must be a token id in [0, {vocab}), got {eos_id!r}")
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    require(temperature >= 0 and math.isfinite(temperature), f"generate: temperature must be >= 0 (0: greedy), got {temperature!r}")
+    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    require(top_p is None or 0.0 < top_p <= 1.0, f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    require(eos_id is None or 0 <= eos_id < vocab, f"generate: eos_id must be a token id in [0, {vocab}), got {eos_id!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

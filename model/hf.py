@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from tritongpt.errors import TritonGPTError
-from tritongpt.model.config import GPTConfig
+from tritongpt.errors import TritonGPTError, require
+from tritongpt.files import staged_dir
+from tritongpt.model.config import MODEL_OPS, GPTConfig
 from tritongpt.model.gpt import GPT
 
 # GPT-2's Conv1D weights, stored (in, out): transposed to nn.Linear's (out, in)
@@ -32,32 +32,32 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # HF buffers (causal masks) some checkpoints carry; no counterpart here
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # GPTConfig fields load_hf lets the caller choose; the rest come from config.json
-LOAD_OVERRIDES = ("attention", "norm", "mlp", "backend", "dropout", "label_smoothing", "block_size", "vocab_size")
+LOAD_OVERRIDES = (*MODEL_OPS, "backend", "dropout", "label_smoothing", "block_size", "vocab_size")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 VOCAB_MULTIPLE = 64
 
 
 def config_from_hf(hf: dict, **overrides) -> GPTConfig:
     """The GPTConfig of a GPT-2 config.json (as a dict), with LOAD_OVERRIDES fields replaced."""
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise TritonGPTError(f"load_hf: {message}")
-
-    require(hf.get("model_type", "gpt2") == "gpt2", f"model_type must be 'gpt2', got {hf.get('model_type')!r}")
+    require(hf.get("model_type", "gpt2") == "gpt2",
+            f"load_hf: model_type must be 'gpt2', got {hf.get('model_type')!r}")
     require(hf.get("activation_function", "gelu_new") in TANH_GELUS,
-            f"activation_function must be one of {TANH_GELUS} (tanh GELU), got {hf.get('activation_function')!r}")
+            f"load_hf: activation_function must be one of {TANH_GELUS} (tanh GELU), "
+            f"got {hf.get('activation_function')!r}")
     require(math.isclose(hf.get("layer_norm_epsilon", 1e-5), 1e-5),
-            f"layer_norm_epsilon must be 1e-5, got {hf.get('layer_norm_epsilon')!r}")
+            f"load_hf: layer_norm_epsilon must be 1e-5, got {hf.get('layer_norm_epsilon')!r}")
     require(hf.get("scale_attn_weights", True) and not hf.get("scale_attn_by_inverse_layer_idx", False),
-            "only 1/sqrt(head_dim) attention scaling is supported (scale_attn_weights=true, "
+            "load_hf: only 1/sqrt(head_dim) attention scaling is supported (scale_attn_weights=true, "
             "scale_attn_by_inverse_layer_idx=false)")
     unknown = sorted(set(overrides) - set(LOAD_OVERRIDES))
-    require(not unknown, f"cannot override {', '.join(unknown)} (fixed by the checkpoint); overridable: {', '.join(LOAD_OVERRIDES)}")
+    require(not unknown, f"load_hf: cannot override {', '.join(unknown)} (fixed by the checkpoint); "
+                         f"overridable: {', '.join(LOAD_OVERRIDES)}")
     n_embd, n_positions, real_vocab = hf["n_embd"], hf["n_positions"], hf["vocab_size"]
     n_inner = hf.get("n_inner") or 4 * n_embd
-    require(n_inner % n_embd == 0, f"n_inner ({n_inner}) must be a multiple of n_embd ({n_embd})")
+    require(n_inner % n_embd == 0, f"load_hf: n_inner ({n_inner}) must be a multiple of n_embd ({n_embd})")
     block_size = overrides.pop("block_size", n_positions)
-    require(block_size <= n_positions, f"block_size {block_size} exceeds the checkpoint's n_positions {n_positions}")
+    require(block_size <= n_positions,
+            f"load_hf: block_size {block_size} exceeds the checkpoint's n_positions {n_positions}")
     fields = dict(vocab_size=-(-real_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, real_vocab_size=real_vocab,
                   block_size=block_size, n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
                   mlp_ratio=n_inner // n_embd, bias=True, pos_embedding="learned",
@@ -156,20 +156,7 @@ def save_hf(model: GPT, directory: str | os.PathLike, overwrite: bool = False) -
         if name in ("transformer.wte.weight", "lm_head.weight"):
             tensor = tensor[:model.config.real_vocab_size]  # drop the padding rows
         tensors[name] = tensor.contiguous().clone()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory

@@ -9,19 +9,18 @@ H query heads, Hkv key/value heads, D head dim.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from tritongpt.kernels import registry
-
 from tritongpt.model.config import GPTConfig
 
 
 def resolve_op(op: str, config: GPTConfig) -> tuple[str, Callable]:
-    """(backend name, callable) for `op` from the config's per-op field, then its `backend`."""
-    name = registry.choose(op, getattr(config, registry.OP_FLAGS[op]), config.backend)
+    """(backend name, callable) for `op` from the config's field of that name, then its `backend`."""
+    name = registry.choose(op, getattr(config, op), config.backend)
     return name, registry.resolve(op, name)
 
 

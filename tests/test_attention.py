@@ -16,7 +16,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import attention as attn
-from tritongpt.kernels import reference, registry
+from tritongpt.kernels import attention_spec, registry
 
 ON_GPU = torch.cuda.is_available()
 
@@ -38,13 +38,13 @@ def _inputs(b, t, s, h, h_kv, d, dtype, device, seed, n_docs=0):
 def _reference(q, k, v, do, causal, scale, window, docs):
     """float64 output, base-2 log-sum-exp and gradients of reference.attention."""
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    out = reference.attention(q64, k64, v64, causal, scale, window, docs)
+    out = attention_spec.reference(q64, k64, v64, causal, scale, window, docs)
     dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), do.double())
     b, t, h, d = q.shape
     s = k.shape[1]
     kk = k64.detach().repeat_interleave(h // k.shape[2], dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q64.detach(), kk) * (scale or 1 / math.sqrt(d))
-    mask = reference.attention_mask(t, s, causal, window, docs, q.device)
+    mask = attention_spec.attention_mask(t, s, causal, window, docs, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1) / math.log(2)  # (B, H, T), base 2 like the kernel's
@@ -114,7 +114,7 @@ def test_packed_qkv_views_through_autograd(dtype, causal, window, device):
     out = attn.flash_attention(q, k, v, causal=causal, window=window)
     out.backward(do)
     qkv64 = qkv.detach().double().requires_grad_()
-    ref = reference.attention(*qkv64.unbind(2), causal=causal, window=window)
+    ref = attention_spec.reference(*qkv64.unbind(2), causal=causal, window=window)
     ref.backward(do.double())
     assert_rel_close(out, ref, tol(dtype, tf32=ON_GPU), "out")
     assert_rel_close(qkv.grad, qkv64.grad, tol(dtype, tf32=ON_GPU), "dqkv")
@@ -122,10 +122,10 @@ def test_packed_qkv_views_through_autograd(dtype, causal, window, device):
 
 @pytest.mark.parametrize("causal,window,n_docs", [(True, None, 0), (False, None, 0), (True, 7, 0), (False, None, 2)])
 def test_agrees_with_torch_sdpa(causal, window, n_docs, device):
-    """The same fp32 inputs through F.scaled_dot_product_attention (via reference.sdpa_attention)."""
+    """The same fp32 inputs through F.scaled_dot_product_attention (via attention_spec.sdpa)."""
     q, k, v, _, docs = _inputs(1, 33, 65, 4, 2, 32, torch.float32, device, seed=2, n_docs=n_docs)
     ours = attn.flash_attention(q, k, v, causal, None, window, docs)
-    theirs = reference.sdpa_attention(q, k, v, causal, None, window, docs)
+    theirs = attention_spec.sdpa(q, k, v, causal, None, window, docs)
     assert_rel_close(ours, theirs, 2 * tol(torch.float32, tf32=ON_GPU), "out vs sdpa")
 
 
@@ -153,7 +153,7 @@ def test_noncontiguous_output_gradient(device):
     q.requires_grad_()
     attn.flash_attention(q, k, v).sum().backward()
     q64 = q.detach().double().requires_grad_()
-    reference.attention(q64, k.double(), v.double()).sum().backward()
+    attention_spec.reference(q64, k.double(), v.double()).sum().backward()
     assert_rel_close(q.grad, q64.grad, tol(torch.float32, tf32=ON_GPU), "dq")
 
 
@@ -168,7 +168,7 @@ def test_torch_compile_fullgraph(device):
     out = torch.compile(f, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")(q, k, v, docs)
     out.backward(do)
     q64 = q.detach().double().requires_grad_()
-    ref = reference.attention(q64, k.double(), v.double(), True, None, 9, docs) * 2
+    ref = attention_spec.reference(q64, k.double(), v.double(), True, None, 9, docs) * 2
     ref.backward(do.double())
     assert_rel_close(out, ref, tol(torch.float32, tf32=ON_GPU), "out")
     assert_rel_close(q.grad, q64.grad, tol(torch.float32, tf32=ON_GPU), "dq")
@@ -217,7 +217,7 @@ def test_doc_ids_with_more_queries_than_keys_is_an_error(device):
     """Non-causal T > S has no key position for the first queries' documents."""
     q, k, v = _qkv(device, t=8, s=4)
     doc_ids = torch.randint(0, 2, (1, 4), device=device)
-    for fn in (attn.flash_attention, reference.attention, reference.sdpa_attention):
+    for fn in (attn.flash_attention, attention_spec.reference, attention_spec.sdpa):
         with pytest.raises(TritonGPTError, match=r"doc_ids need query length \(8\) <= key length \(4\)"):
             fn(q, k, v, causal=False, doc_ids=doc_ids)
 
@@ -278,7 +278,7 @@ def _errors_vs_pytorch(b, t, s, h, h_kv, d, causal, window, n_docs, dtype):
     out64, _, *grads64 = _reference(q, k, v, do, causal, None, window, docs)
     ref = (out64, *grads64)
     errors = []
-    for fn in (attn.flash_attention, reference.sdpa_attention):
+    for fn in (attn.flash_attention, attention_spec.sdpa):
         qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
         out = fn(qq, kk, vv, causal, None, window, docs)
         out.backward(do)

@@ -14,8 +14,8 @@ from test_model import VARIANTS, random_state, tiny_config
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.model.gpt import GPT
-from tritongpt.model import cli as attention_map
 from tritongpt.model.hf import load_hf, save_hf
+from tritongpt.train import attention_map
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -105,8 +105,8 @@ def test_command_reads_training_checkpoint(gpt2_vocab_export, tmp_path):
     checkpoint = pytest.importorskip("tritongpt.train.checkpoint")
     _, model, _ = gpt2_vocab_export
     config = dataclasses.replace(model.config, attention="triton")  # recorded backends are overridden
-    checkpoint.save(tmp_path / "run", {"step": 3, "model": model.state_dict(), "model_config": dataclasses.asdict(config),
-                                       "train_config": {}, "tokenizer": "gpt2"})
+    checkpoint.save(tmp_path / "run", {"step": 3, "model": model.state_dict(), "config": dataclasses.asdict(config),
+                                       "tokenizer": "gpt2"})
     out = tmp_path / "ckpt.png"
     assert run_command("--ckpt", str(tmp_path / "run"), "--text", "To be, or not", "--out", str(out)) == 0
     assert out.read_bytes().startswith(PNG_MAGIC)

@@ -16,6 +16,7 @@ import torch
 from tritongpt.bench import kernels, report, step
 from tritongpt.cli import main
 from tritongpt.kernels import registry
+from tritongpt.kernels.spec import MODES, Case
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER_FIELDS = ("tool", "command", "date", "device", "device_type", "torch", "triton", "dtype", "quick",
@@ -88,17 +89,19 @@ def test_csv_rows_match_json_rows(quick_run):
 
 
 def test_every_registered_backend_appears(quick_run):
-    rows = quick_run[-1]["rows"]
-    for op in kernels.OPS:
+    rows, skipped = quick_run[-1]["rows"], quick_run[-1]["header"]["skipped"]
+    for op in registry.ops():
         providers = {r["provider"] for r in rows if r["op"] == op}
-        assert set(registry.backends(op)) <= providers, (op, providers)
+        left_out = {s["provider"] for s in skipped if s["op"] == op}
+        assert set(registry.backends(op)) <= providers | left_out, (op, providers, left_out)
+        assert {n for n in registry.backends(op) if registry.usable(op, n)} <= providers
     assert [r["provider"] for r in rows if r["op"] == "step"] == [c.name for c in step.combos(compile=False)]
 
 
 def test_errors_finite_and_small(quick_run):
     device = kernels.default_device()
-    tol = kernels.tolerance(kernels.default_dtype(device), device)
-    for r in [r for r in quick_run[-1]["rows"] if r["op"] in kernels.OPS]:
+    tol = kernels.row_tolerance(kernels.default_dtype(device), device)
+    for r in [r for r in quick_run[-1]["rows"] if r["op"] in registry.ops()]:
         assert kernels.FLAG not in r["note"], r
         if r["provider"] == "triton" and not registry.triton_usable(device):
             continue  # a row saying it needs CUDA or the interpreter
@@ -109,7 +112,7 @@ def test_errors_finite_and_small(quick_run):
 
 
 def test_timed_rows_and_interpreter_rows(quick_run):
-    rows = [r for r in quick_run[-1]["rows"] if r["op"] in kernels.OPS]
+    rows = [r for r in quick_run[-1]["rows"] if r["op"] in registry.ops()]
     for r in rows:
         if registry.interpreting() and r["provider"] == "triton":
             assert r["ms"] is None and r["note"] == kernels.INTERPRETER_NOTE, r  # never timed
@@ -137,7 +140,7 @@ def test_step_losses_agree(quick_run):
 def test_plots_written(quick_run):
     pytest.importorskip("matplotlib")
     _, _, out_dir, json_path, _ = quick_run
-    for op in (*kernels.OPS, "step"):
+    for op in (*registry.ops(), "step"):
         png = out_dir / f"{json_path.stem}_{op}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
@@ -146,39 +149,42 @@ def test_plots_written(quick_run):
 
 
 def test_sweeps_follow_the_issue():
-    attention = kernels.sweep("attention", quick=False)
+    attention = registry.spec("attention").cases(False)
     assert {c["B"] * c["T"] for c in attention} == {16384}
     assert {c["H"] * c["D"] for c in attention} == {2048}
-    assert {c["D"] for c in attention} == {64, 128} and {c.causal for c in attention} == {True, False}
+    assert {c["D"] for c in attention} == {64, 128} and {c["causal"] for c in attention} == {True, False}
     assert min(c["T"] for c in attention) == 512 and max(c["T"] for c in attention) == 16384
-    norms = kernels.sweep("layer_norm", quick=False)
-    assert {c["M"] for c in norms} == {16384} and (min(c["N"] for c in norms), max(c["N"] for c in norms)) == (768, 8192)
-    mlps = kernels.sweep("mlp", quick=False)
-    assert {c["M"] for c in mlps} == {16384} and (min(c["C"] for c in mlps), max(c["C"] for c in mlps)) == (768, 4096)
+    norms = registry.spec("layer_norm").cases(False)
+    assert {c["M"] for c in norms} == {16384}
+    assert (min(c["N"] for c in norms), max(c["N"] for c in norms)) == (768, 8192)
+    mlps = registry.spec("mlp").cases(False)
+    assert {c["M"] for c in mlps} == {16384}
+    assert (min(c["C"] for c in mlps), max(c["C"] for c in mlps)) == (768, 4096)
     assert all(c["H"] == 4 * c["C"] for c in mlps)
 
 
 def test_work_counts():
-    full = kernels.Case("attention", (("B", 2), ("T", 8), ("H", 3), ("D", 4)), 8, causal=False)
-    causal = kernels.Case("attention", full.dims, 8, causal=True)
-    assert kernels.work(full, "fwd", torch.bfloat16) == ("tflops", 4 * 2 * 3 * 8 * 8 * 4)
-    assert kernels.work(causal, "fwd", torch.bfloat16)[1] == 4 * 2 * 3 * 8 * 8 * 4 / 2
-    assert kernels.work(full, "bwd", torch.bfloat16)[1] == 2.5 * kernels.work(full, "fwd", torch.bfloat16)[1]
-    mlp = kernels.Case("mlp", (("M", 5), ("C", 6), ("H", 24)), 6)
-    assert kernels.work(mlp, "fwd", torch.float32) == ("tflops", 2 * (2 * 5 * 6 * 24))
-    assert kernels.work(mlp, "bwd", torch.float32)[1] == 4 * (2 * 5 * 6 * 24)
-    norm = kernels.Case("layer_norm", (("M", 7), ("N", 9)), 9)
-    assert kernels.work(norm, "fwd", torch.bfloat16) == ("gbps", 2 * (2 * 7 * 9 + 2 * 9))
-    assert kernels.work(norm, "fwd+bwd", torch.float32)[1] == 4 * (5 * 7 * 9 + 5 * 9)
+    work = {op: registry.spec(op).work for op in ("attention", "mlp", "layer_norm")}
+    full = Case("attention", (("B", 2), ("T", 8), ("H", 3), ("D", 4)), 8, "", (("causal", False),))
+    causal = Case("attention", full.dims, 8, "", (("causal", True),))
+    assert work["attention"](full, "fwd", torch.bfloat16) == ("tflops", 4 * 2 * 3 * 8 * 8 * 4)
+    assert work["attention"](causal, "fwd", torch.bfloat16)[1] == 4 * 2 * 3 * 8 * 8 * 4 / 2
+    assert work["attention"](full, "bwd", torch.bfloat16)[1] == 2.5 * work["attention"](full, "fwd", torch.bfloat16)[1]
+    mlp = Case("mlp", (("M", 5), ("C", 6), ("H", 24)), 6, "")
+    assert work["mlp"](mlp, "fwd", torch.float32) == ("tflops", 2 * (2 * 5 * 6 * 24))
+    assert work["mlp"](mlp, "bwd", torch.float32)[1] == 4 * (2 * 5 * 6 * 24)
+    norm = Case("layer_norm", (("M", 7), ("N", 9)), 9, "")
+    assert work["layer_norm"](norm, "fwd", torch.bfloat16) == ("gbps", 2 * (2 * 7 * 9 + 2 * 9))
+    assert work["layer_norm"](norm, "fwd+bwd", torch.float32)[1] == 4 * (5 * 7 * 9 + 5 * 9)
 
 
 def _tiny_norm_rows(*extra: kernels.Provider) -> list[dict]:
     device = torch.device("cpu")
     timer = kernels.Timer(device, quick=True)
     found = [p for p in kernels.providers("layer_norm", device, compile=False)[0] if p.name == "torch"]
-    case = kernels.sweep("layer_norm", quick=True)[0]
-    return kernels.run_case(case, found + list(extra), device=device, dtype=torch.float32, timer=timer,
-                            ceiling={"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    spec = registry.spec("layer_norm")
+    return kernels.run_case(spec, spec.cases(True)[0], found + list(extra), device=device, dtype=torch.float32,
+                            timer=timer, ceiling={"copy_gbps": 1.0, "matmul_tflops": 1.0})
 
 
 def test_broken_provider_gives_rows_with_a_note():
@@ -186,7 +192,7 @@ def test_broken_provider_gives_rows_with_a_note():
         raise RuntimeError("no kernel for this shape")
     rows = _tiny_norm_rows(kernels.Provider("broken", lambda: lambda *a, **k: broken()))
     bad = [r for r in rows if r["provider"] == "broken"]
-    assert len(bad) == len(kernels.MODES)
+    assert len(bad) == len(MODES)
     assert all(r["ms"] is None and "RuntimeError: no kernel for this shape" in r["note"] for r in bad)
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "torch")
 
@@ -237,7 +243,7 @@ def test_quick_run_with_torch_compile(tmp_path):
     assert rc == 0, stdout
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     compiled = [r for r in data["rows"] if r["provider"] == kernels.COMPILE]
-    assert {r["op"] for r in compiled} == set(kernels.OPS)
+    assert {r["op"] for r in compiled} == set(registry.ops())
     assert all(r["ms"] > 0 and r["err_out"] <= 1e-5 for r in compiled), compiled
     assert any(r["provider"] == "compile+sdpa" and r["ms"] for r in data["rows"])
 

@@ -18,9 +18,8 @@ from tritongpt.train import checkpoint, config
 
 def tiny_state(step: int, cfg: config.TrainConfig, model: GPT) -> dict:
     """A checkpoint dict as the trainer writes it (no optimizer, for speed)."""
-    return dict(step=step, model=model.state_dict(), model_config=dataclasses.asdict(cfg.model),
-                train_config=cfg.to_dict(), optimizer={}, scaler={}, rng=[checkpoint.rng_state()], loader=[{}],
-                backends=model.backend_names(), tokenizer="gpt2", world_size=1)
+    return dict(step=step, model=model.state_dict(), config=cfg.to_dict(), optimizer={}, scaler={},
+                rng=[checkpoint.rng_state()], loader=[{}], tokenizer="gpt2", world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +89,14 @@ def test_load_model_from_dir_and_file(tmp_path, tiny):
     cfg, model = tiny
     path = checkpoint.save(tmp_path, tiny_state(7, cfg, model))
     for source in (tmp_path, path):
-        loaded, train_config = checkpoint.load_model(source, "cpu")
+        loaded, flat = checkpoint.load_model(source, "cpu")
         assert not loaded.training
-        assert train_config == cfg.to_dict()
+        assert flat == cfg.to_dict()
         for name, tensor in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], tensor), name
     loaded, _ = checkpoint.load_model(tmp_path, attention="sdpa")
     assert loaded.backend_names()["attention"] == "sdpa"
-    assert checkpoint.read_train_config(path) == cfg.to_dict()
+    assert checkpoint.read_config(path) == cfg.to_dict()
 
 
 def test_load_errors(tmp_path, tiny):
@@ -110,7 +109,7 @@ def test_load_errors(tmp_path, tiny):
         checkpoint.load_model(tmp_path)
     cfg, model = tiny
     state = tiny_state(2, cfg, model)
-    state["model_config"]["n_embd"] = 32  # weights no longer fit the config
+    state["config"]["n_embd"] = 32  # weights no longer fit the config
     checkpoint.save(tmp_path, state)
     with pytest.raises(TritonGPTError, match="does not fit"):
         checkpoint.load_model(tmp_path)

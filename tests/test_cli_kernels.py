@@ -65,7 +65,7 @@ def test_help_of_each_command(path, capsys):
     assert code == 0, err
     assert out.startswith(f"usage: tritongpt {' '.join(path)}")
     if len(path) == 1:  # the module docstring starts with the exact commands to run
-        module = __import__(cli.COMMANDS[path[0]], fromlist=["HELP"])
+        module = __import__(cli.COMMANDS[path[0]][0], fromlist=["run"])
         first_command = next(line.strip() for line in module.__doc__.splitlines()[1:] if line.strip())
         assert first_command.startswith(("tritongpt ", "torchrun ", "python ")), first_command
         assert first_command.split("#")[0].strip() in out
@@ -75,11 +75,12 @@ def test_kernels_list(capsys):
     code, out, _ = run_main(["kernels", "list"], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert len(lines) == len(registry.OP_FLAGS)
-    for op, line in zip(registry.OP_FLAGS, lines):
-        assert line.split()[:2] == [op, f"--{registry.OP_FLAGS[op]}"]
-        assert ", ".join(registry.backends(op)) in line
-    assert "triton, torch" not in out and "torch, triton" in out  # layer_norm's, sorted
+    assert len(lines) == len(registry.ops())
+    for op, line in zip(registry.ops(), lines):
+        assert line.split()[:3] == [op, f"--{op.replace('_', '-')}", f"TRITONGPT_{op.upper()}"]
+        for name in registry.backends(op):
+            assert f" {name}" in line
+    assert "torch, triton" in out  # layer_norm's, sorted
 
 
 @pytest.mark.skipif(not registry.interpreting(), reason="interpreter not on")
@@ -112,13 +113,13 @@ def test_bad_arch_is_one_line_exit_2_console_script():
 def test_unknown_backend_is_one_line_exit_2_console_script(tmp_path):
     """A model command given an unknown backend name: one error line naming the choices, exit 2,
     no traceback, and no run directory written."""
-    out = subprocess.run([*console_script(), "train", "--norm", "nosuch", "--max-steps", "1",
+    out = subprocess.run([*console_script(), "train", "--layer-norm", "nosuch", "--max-steps", "1",
                           "--out", str(tmp_path / "run")], capture_output=True, text=True,
                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if "error" in line]
-    assert errors == ["tritongpt train: error: unknown layer_norm backend 'nosuch' (from --norm); "
+    assert errors == ["tritongpt train: error: unknown layer_norm backend 'nosuch' (from layer_norm); "
                       "choices: torch, triton, auto"]
     assert not (tmp_path / "run").exists()
 

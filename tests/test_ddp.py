@@ -15,9 +15,9 @@ import sys
 
 import pytest
 import torch
-
 from _util import assert_rel_close
 from test_train import metrics, prepare_tiny, run, tiny_flags
+
 from tritongpt.data.loader import ShardLoader
 from tritongpt.train import checkpoint
 

@@ -16,7 +16,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import layer_norm as ln
-from tritongpt.kernels import reference, registry
+from tritongpt.kernels import layer_norm_spec, registry
 
 EPS = 1e-5
 
@@ -41,12 +41,12 @@ def make_inputs(lead, n, dtype, device, weight=True, bias=True, residual=False, 
 
 
 def float64_reference(x, weight, bias, residual, dy, ds, eps=EPS):
-    """(y, s, mean, rstd, dx, dweight, dbias) from kernels.reference.layer_norm in float64;
+    """(y, s, mean, rstd, dx, dweight, dbias) from kernels/layer_norm_spec.reference in float64;
     s is x + residual (or x); dx is also the residual's gradient."""
     leaves = [t.detach().double().requires_grad_() if t is not None else None
               for t in (x, weight, bias, residual)]
     x64, w64, b64, r64 = leaves
-    out = reference.layer_norm(x64, w64, b64, eps, r64)
+    out = layer_norm_spec.reference(x64, w64, b64, eps, r64)
     y, s = out if r64 is not None else (out, x64)
     outputs, grads = [y], [dy.double()]
     if r64 is not None:
@@ -211,7 +211,7 @@ def test_strided_rows_and_leading_dims(device):
     w, b = base["weight"][:n].contiguous(), base["bias"][:n].contiguous()
     for x in (x_slice, x_transposed):
         y = ln.layer_norm(x, w, b)
-        assert_rel_close(y, reference.layer_norm(x.double(), w.double(), b.double()), tol(torch.float32), "y")
+        assert_rel_close(y, layer_norm_spec.reference(x.double(), w.double(), b.double()), tol(torch.float32), "y")
 
 
 def test_zero_rows(device):

@@ -13,7 +13,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 import tritongpt
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import mlp, reference, registry
+from tritongpt.kernels import mlp, mlp_spec, registry
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def check_against_reference(inputs, approximate, recompute, dtype):
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, dtype)
     y, grads = run(mlp.gelu_mlp, inputs, dy, approximate=approximate, recompute=recompute)
     inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(reference.gelu_mlp, inputs64, dy.double(), approximate=approximate)
+    y64, grads64 = run(mlp_spec.reference, inputs64, dy.double(), approximate=approximate)
     assert_rel_close(y, y64, tol(dtype), "y")
     assert grads.keys() == grads64.keys()
     for name in grads64:
@@ -105,7 +105,7 @@ def test_strided_views_and_expanded_grad(device):
               "w1": inputs["w1"][:, :c].contiguous(), "w2": inputs["w2"][:c], "b2": inputs["b2"][:c]}
     assert inputs["x"].stride(-2) == 2 * c
     ys = {}
-    for name, fn, dtype in (("triton", mlp.gelu_mlp, torch.float32), ("reference", reference.gelu_mlp, torch.float64)):
+    for name, fn, dtype in (("triton", mlp.gelu_mlp, torch.float32), ("reference", mlp_spec.reference, torch.float64)):
         leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
         y = fn(**leaves)
         y.sum().backward()
@@ -202,9 +202,9 @@ def test_gpt2_sizes_within_twice_pytorch_error(c, approximate, recompute, residu
     inputs = make_inputs((8, 2048), c, 4 * c, dtype, device, seed=c, residual=residual)
     dy = torch.randn(8, 2048, c, device=device, dtype=dtype)
     y, grads = run(mlp.gelu_mlp, inputs, dy, approximate=approximate, recompute=recompute)
-    y_torch, grads_torch = run(reference.gelu_mlp, inputs, dy, approximate=approximate)
+    y_torch, grads_torch = run(mlp_spec.reference, inputs, dy, approximate=approximate)
     inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(reference.gelu_mlp, inputs64, dy.double(), approximate=approximate)
+    y64, grads64 = run(mlp_spec.reference, inputs64, dy.double(), approximate=approximate)
     for name, ours, theirs, exact in [("y", y, y_torch, y64)] + [
             (f"d{k}", grads[k], grads_torch[k], grads64[k]) for k in grads64]:
         assert_rel_close(ours, exact, tol(dtype), name)

@@ -12,7 +12,7 @@ from _util import assert_rel_close, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
-from tritongpt.model.config import PRESETS, GPTConfig
+from tritongpt.model.config import MODEL_OPS, PRESETS, GPTConfig
 from tritongpt.model.gpt import GPT
 
 VOCAB, REAL_VOCAB = 128, 100  # padded rows 100..127 exist but are never predicted
@@ -67,16 +67,16 @@ def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype, device: str 
 def backend_cases():
     """(variant, backend choices): every variant all-torch and all-triton in fp32; on the first
     variant also each op alone swapped to each of its other backends (the rest with -m slow)."""
-    missing = [op for op in registry.OP_FLAGS if "triton" not in registry.backends(op)]
+    missing = [op for op in MODEL_OPS if "triton" not in registry.backends(op)]
     all_triton = pytest.mark.skipif(bool(missing), reason=f"triton backend not registered yet for {missing}")
     for variant in VARIANTS:
         yield pytest.param(variant, {"backend": "torch"}, id=f"{variant}-all-torch")
         yield pytest.param(variant, {"backend": "triton"}, id=f"{variant}-all-triton", marks=all_triton)
-        for op, flag in registry.OP_FLAGS.items():
+        for op in MODEL_OPS:
             for name in registry.backends(op):
-                if name != "torch":
+                if name != "torch" and registry.usable(op, name):
                     marks = [] if variant == "mha-learned" else [pytest.mark.slow]
-                    yield pytest.param(variant, {flag: name}, id=f"{variant}-{flag}-{name}", marks=marks)
+                    yield pytest.param(variant, {op: name}, id=f"{variant}-{op}-{name}", marks=marks)
 
 
 @pytest.mark.parametrize("variant,choices", list(backend_cases()))
@@ -238,7 +238,7 @@ def test_autocast_bf16_runs_with_fp32_residual_stream():
 def test_compile_fullgraph_traces(choice, device):
     """torch.compile(fullgraph=True) traces the whole model (every backend's custom op included)
     and gives the eager model's logits and grads. One layer keeps the interpreter run short."""
-    if choice == "triton" and any("triton" not in registry.backends(op) for op in registry.OP_FLAGS):
+    if choice == "triton" and any("triton" not in registry.backends(op) for op in MODEL_OPS):
         pytest.skip("triton backend not registered yet for every op")
     config = tiny_config(**VARIANTS["gqa-rope-window"], backend=choice, n_layer=1)
     state = random_state(config)
@@ -341,10 +341,12 @@ def test_set_backends_reresolves_and_is_atomic():
     assert model.backend_names()["attention"] == "sdpa" and model.config.attention == "sdpa"
     assert all(b.attn.backend == "sdpa" for b in model.transformer.h)
     with pytest.raises(TritonGPTError, match="unknown mlp backend"):
-        model.set_backends(norm="auto", mlp="nope")
+        model.set_backends(layer_norm="auto", mlp="nope")
     assert model.backend_names() == {"attention": "sdpa", "layer_norm": "torch", "mlp": "torch"}
     model.set_backends(backend="auto", attention="auto")
-    assert model.backend_names() == {op: registry.choose(op) for op in registry.OP_FLAGS}
+    assert model.backend_names() == {op: registry.choose(op) for op in MODEL_OPS}
+    with pytest.raises(TritonGPTError, match="unknown op"):
+        model.set_backends(norm="torch")
 
 
 # ---- GPU ------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tritongpt import cli
-from tritongpt.data import assets, prepare as prepare_module
+from tritongpt.data import assets
+from tritongpt.data import prepare as prepare_module
 from tritongpt.data.loader import ShardLoader
 from tritongpt.data.prepare import prepare
 from tritongpt.data.shards import read_shard

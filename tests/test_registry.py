@@ -1,5 +1,6 @@
-"""The backend registry (kernels/registry.py): precedence of the ways to pick a backend, errors
-for unknown or unusable names, and `auto`.
+"""The registry (kernels/registry.py): precedence of the ways to pick a backend (flags, config,
+environment read at the command line's edge), errors for unknown or unusable names, `auto`,
+built-ins loaded on first use, and backends from installed packages (entry points).
 
     python -m pytest -q tests/test_registry.py
 """
@@ -7,23 +8,25 @@ for unknown or unusable names, and `auto`.
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import registry, reference
 from tritongpt.kernels import layer_norm as triton_layer_norm
+from tritongpt.kernels import layer_norm_spec, registry
+from tritongpt.train import config as train_config
+from tritongpt.train.trainer import resolve_backends
 
-OP, OP_ENV = "layer_norm", "TRITONGPT_NORM"
+OP = "layer_norm"
+OP_ENV = "TRITONGPT_LAYER_NORM"
+GLOBAL_ENV = "TRITONGPT_BACKEND"
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    """No backend environment variables, and Triton usable (the test setup runs the interpreter
-    without a GPU)."""
-    monkeypatch.delenv(OP_ENV, raising=False)
-    monkeypatch.delenv(registry.GLOBAL_ENV, raising=False)
+def triton_here(monkeypatch):
+    """Triton usable (the test setup runs the interpreter without a GPU)."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     return monkeypatch
@@ -34,13 +37,18 @@ def no_triton(monkeypatch):
     """A machine where Triton cannot run: no CUDA and no interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.delenv(OP_ENV, raising=False)
-    monkeypatch.delenv(registry.GLOBAL_ENV, raising=False)
     return monkeypatch
 
 
-# (explicit, per-op env, --backend default, TRITONGPT_BACKEND) -> winner. Each level set to one
-# backend over lower levels set to the other, both ways round; a level above an unknown name
+def chosen(flags: dict, env: dict) -> str:
+    """The layer_norm backend `tritongpt train` would use with these flags and environment (the
+    other ops pinned, so a global choice reaches layer_norm alone)."""
+    cfg = train_config.resolve({"preset": "tiny", "attention": "torch", "mlp": "torch", **flags}, env=env)
+    return resolve_backends(cfg.model, torch.device("cpu")).layer_norm
+
+
+# (--layer-norm, TRITONGPT_LAYER_NORM, --backend, TRITONGPT_BACKEND) -> winner. Each level set to
+# one backend over lower levels set to the other, both ways round; a level above an unknown name
 # wins without the unknown name being looked at.
 PRECEDENCE = [
     (("torch", "triton", "triton", "triton"), "torch"),
@@ -58,43 +66,55 @@ PRECEDENCE = [
 
 
 @pytest.mark.parametrize("levels,winner", PRECEDENCE)
-def test_precedence(levels, winner, clean_env):
-    explicit, op_env, default, global_env = levels
-    if op_env:
-        clean_env.setenv(OP_ENV, op_env)
-    if global_env:
-        clean_env.setenv(registry.GLOBAL_ENV, global_env)
-    assert registry.choose(OP, explicit, default) == winner
+def test_precedence(levels, winner, triton_here):
+    flag, op_env, default, global_env = levels
+    flags = {k: v for k, v in (("layer_norm", flag), ("backend", default)) if v}
+    env = {k: v for k, v in ((OP_ENV, op_env), (GLOBAL_ENV, global_env)) if v}
+    assert chosen(flags, env) == winner
 
 
-def test_resolve_returns_the_registered_callable(clean_env):
-    assert registry.resolve(OP, "torch") is reference.layer_norm
+def test_library_code_does_not_read_the_environment(triton_here):
+    triton_here.setenv(OP_ENV, "torch")
+    triton_here.setenv(GLOBAL_ENV, "torch")
+    assert registry.choose(OP) == "triton"  # auto: the variables are the command line's business
+    assert chosen({}, {}) == "triton"
+    assert chosen({}, dict(os.environ)) == "torch"
+
+
+def test_env_choices_reads_only_tritongpt_variables():
+    env = {"TRITONGPT_ATTENTION": "sdpa", OP_ENV: "torch", GLOBAL_ENV: "triton", "TRITONGPT_NOSUCH": "x",
+           "TRITONGPT_MLP": ""}
+    assert registry.env_choices(env) == {"attention": "sdpa", "layer_norm": "torch", "backend": "triton"}
+
+
+def test_resolve_returns_the_registered_callable():
+    assert registry.resolve(OP, "torch") is layer_norm_spec.reference
     assert registry.resolve(OP, "triton") is triton_layer_norm.layer_norm
+    assert registry.spec(OP) is layer_norm_spec.SPEC
 
 
 def test_registry_loads_the_builtin_backends_itself():
     # no package __init__ imports the kernel files: the registry does, on first use
     code = ("from tritongpt.kernels import registry\n"
-            "print(' '.join(f'{op}:{b}' for op in registry.OP_FLAGS for b in registry.backends(op)))")
+            "print(' '.join(f'{op}:{b}' for op in registry.ops() for b in registry.backends(op)))")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch"} <= set(out.stdout.split())
+    expected = {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch"}
+    assert expected <= set(out.stdout.split())
 
 
-def test_every_op_has_torch_and_auto_resolves(clean_env):
-    for op in registry.OP_FLAGS:
+def test_every_op_has_torch_and_auto_resolves(triton_here):
+    for op in registry.ops():
         assert "torch" in registry.backends(op)
         expected = "triton" if "triton" in registry.backends(op) else "torch"
         assert registry.choose(op) == expected
 
 
-@pytest.mark.parametrize("source", ["--norm", OP_ENV, "--backend", registry.GLOBAL_ENV])
-def test_unknown_name_lists_choices_and_source(source, clean_env):
-    explicit = "nosuch" if source == "--norm" else None
-    default = "nosuch" if source == "--backend" else None
-    if source.startswith("TRITONGPT_"):
-        clean_env.setenv(source, "nosuch")
+@pytest.mark.parametrize("source", ["layer_norm", "backend"])
+def test_unknown_name_lists_choices_and_source(source, triton_here):
+    explicit = "nosuch" if source == "layer_norm" else None
+    default = "nosuch" if source == "backend" else None
     with pytest.raises(TritonGPTError) as err:
         registry.choose(OP, explicit, default)
     message = str(err.value)
@@ -108,9 +128,14 @@ def test_triton_unusable_is_an_error_not_a_fallback(no_triton):
         with pytest.raises(TritonGPTError,
                            match="needs a CUDA device or TRITON_INTERPRET=1; choices here: torch, auto"):
             registry.choose(OP, explicit, default)
-    no_triton.setenv(OP_ENV, "triton")
-    with pytest.raises(TritonGPTError, match=f"from {OP_ENV}"):
-        registry.choose(OP)
+
+
+def test_cuda_only_backends_are_refused_on_the_cpu(no_triton):
+    assert registry.backend("attention", "sdpa-flash").needs == "cuda"
+    assert not registry.usable("attention", "sdpa-flash", "cpu")
+    assert "sdpa-flash" not in registry.choices("attention", "cpu")
+    with pytest.raises(TritonGPTError, match="'sdpa-flash' .* needs CUDA"):
+        registry.choose("attention", "sdpa-flash", device="cpu")
 
 
 def test_auto_without_triton_is_torch(no_triton):
@@ -125,9 +150,9 @@ def test_device_decides_usability(no_triton):
     assert registry.choose(OP, "triton", device="cuda") == "triton"
 
 
-def test_auto_under_interpreter_is_triton(clean_env):
-    clean_env.setenv("TRITON_INTERPRET", "1")
-    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+def test_auto_under_interpreter_is_triton(triton_here):
+    triton_here.setenv("TRITON_INTERPRET", "1")
+    triton_here.setattr(torch.cuda, "is_available", lambda: False)
     assert registry.interpreting()
     assert registry.choose(OP) == "triton"
     assert registry.choose(OP, device="cpu") == "triton"
@@ -139,5 +164,50 @@ def test_unknown_op():
 
 
 def test_env_var_names():
-    assert [registry.env_var(op) for op in registry.OP_FLAGS] == [
-        "TRITONGPT_ATTENTION", "TRITONGPT_NORM", "TRITONGPT_MLP"]
+    assert [registry.env_var(op) for op in ("attention", "layer_norm", "mlp", "backend")] == [
+        "TRITONGPT_ATTENTION", "TRITONGPT_LAYER_NORM", "TRITONGPT_MLP", "TRITONGPT_BACKEND"]
+
+
+def test_bad_registrations_are_refused():
+    with pytest.raises(TritonGPTError, match="unknown op 'nosuch'"):
+        registry.register("nosuch", "x", lambda: None)
+    with pytest.raises(TritonGPTError, match="not callable"):
+        registry.register(OP, "x", 3)
+    with pytest.raises(TritonGPTError, match="needs must be one of"):
+        registry.register(OP, "x", lambda: None, needs="tpu")
+    with pytest.raises(TritonGPTError, match="already registered"):
+        registry.register_op(layer_norm_spec.SPEC)
+    assert "x" not in registry.backends(OP)
+
+
+def write_plugin(root, name: str, body: str) -> str:
+    """An installed-looking distribution `name` under `root` whose `tritongpt.backends` entry point
+    runs `body` (a function of the registry module); returns the PYTHONPATH entry."""
+    module = f"{name}_plugin"
+    (root / f"{module}.py").write_text("def register(registry):\n" + textwrap.indent(textwrap.dedent(body), "    "))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[tritongpt.backends]\n{name} = {module}:register\n")
+    return str(root)
+
+
+def run_with_plugins(paths: list[str], code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_plugins_add_backends_and_a_broken_one_is_one_warning(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    paths = [write_plugin(good, "goodpkg", """
+        registry.register("layer_norm", "goodpkg", registry.resolve("layer_norm", "torch"))
+        """), write_plugin(bad, "badpkg", """
+        registry.register("nosuch_op", "badpkg", print)
+        """)]
+    out = run_with_plugins(paths, "from tritongpt.kernels import registry\nprint(registry.backends('layer_norm'))")
+    assert out.returncode == 0, out.stderr
+    assert "goodpkg" in out.stdout and "badpkg" not in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "Warning" in line]
+    assert len(warnings) == 1 and "'badpkg'" in warnings[0] and "unknown op 'nosuch_op'" in warnings[0]

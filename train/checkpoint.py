@@ -4,9 +4,11 @@
     python -c "from tritongpt.train.checkpoint import load_model; print(load_model('out')[0])"
 
 A checkpoint is `RUN_DIR/ckpt_{step:07d}.pt`, a torch.save'd dict:
-    step, model (state dict), model_config (asdict of GPTConfig), train_config (flat TrainConfig),
-    optimizer, scaler, rng (one entry per rank: python, numpy, torch, cuda states),
-    loader (one state per rank), backends (op -> backend name), tokenizer, world_size.
+    step, model (state dict), config (the flat TrainConfig, model fields included, each op's
+    backend name resolved), optimizer, scaler, rng (one entry per rank: python, numpy, torch,
+    cuda states), loader (one state per rank), tokenizer, world_size.
+Checkpoints written before config was one dict (train_config + model_config + backends, and the
+op `layer_norm` spelled `norm`) still load: `config_of` converts them.
 It is written to a temporary name in the same directory, fsynced, then renamed over the final
 name (and the directory fsynced), so a crash or kill -9 mid-save leaves the previous checkpoints
 intact and never a truncated `ckpt_*.pt`. Everything in it is tensors and plain Python values,
@@ -15,10 +17,9 @@ so it loads with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import atomic_write
 
 _NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
 
@@ -61,33 +63,6 @@ def save(run_dir: str | Path, state: dict[str, Any], keep: int | None = None) ->
     return final
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(binary file handle) on a temporary file beside `path`, fsync it, rename it to
-    `path`, fsync the directory. Readers see the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     """The checkpoint dict at `path`: a checkpoint file, or a run directory (its newest one)."""
     path = Path(path)
@@ -104,29 +79,48 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
         raise TritonGPTError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
-def read_train_config(path: str | Path) -> dict[str, Any]:
-    """The flat train config stored in a checkpoint file, without reading its tensors (mmap)."""
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The flat config stored in a checkpoint file, without reading its tensors (mmap)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_config"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise TritonGPTError(f"cannot read checkpoint {path}: {exc}") from exc
+    return config_of(ckpt)
+
+
+def config_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The flat config of a loaded checkpoint dict, older layouts converted."""
+    if "config" in ckpt:
+        return ckpt["config"]
+    from tritongpt.train.config import LEGACY_KEYS
+
+    old = {**ckpt.get("model_config", {}), **ckpt["train_config"]}  # train_config held the model fields too
+    flat = {LEGACY_KEYS.get(k, k): v for k, v in old.items()}
+    for op, name in ckpt.get("backends", {}).items():  # what the run actually used
+        flat[op] = name
+    return flat
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any):
-    """(GPT in eval mode on `device`, flat train config dict) from a checkpoint file or run dir.
+    """(GPT in eval mode on `device`, flat config dict) from a checkpoint file or run dir.
 
-    `overrides` replace GPTConfig fields that do not change the weights (e.g. attention="torch").
+    The backends are chosen for `device` (auto), not taken from the run, which may have trained
+    elsewhere; `overrides` replace GPTConfig fields that do not change the weights, e.g.
+    attention="sdpa" or backend="torch".
     """
     ckpt = load(path, "cpu")
-    return model_from(ckpt, device, source=path, **overrides), ckpt["train_config"]
+    return model_from(ckpt, device, source=path, **overrides), config_of(ckpt)
 
 
 def model_from(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: Any = "checkpoint",
                **overrides: Any):
-    """The GPT of a loaded checkpoint dict, in eval mode on `device`."""
-    from tritongpt import GPT, GPTConfig
+    """The GPT of a loaded checkpoint dict, in eval mode on `device` (backends as in load_model)."""
+    from tritongpt.model.config import MODEL_OPS, GPTConfig
+    from tritongpt.model.gpt import GPT
 
-    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
+    fields = {f.name for f in dataclasses.fields(GPTConfig)} - {*MODEL_OPS, "backend"}
+    shape = {k: v for k, v in config_of(ckpt).items() if k in fields}
+    model = GPT(GPTConfig(**shape, **overrides))
     load_weights(model, ckpt["model"], source)
     return model.to(device).eval()
 

@@ -11,13 +11,14 @@ Settings resolve as defaults < --preset < --config TOML < flags. Every field of 
 settings) and GPTConfig (the model) is a flag below and a TOML key (underscores: n_layer = 4).
 Boolean flags alone mean true (--compile); give false to turn one off (--bias false). Optional
 values take `none`. OUT receives config.json, metrics.jsonl, ckpt_*.pt and loss.png.
+TRITONGPT_ATTENTION, TRITONGPT_LAYER_NORM, TRITONGPT_MLP and TRITONGPT_BACKEND choose backends
+that no flag or file sets (a per-op variable beats --backend).
 """
 
 from __future__ import annotations
 
 import argparse
-
-HELP = "pretrain a GPT (default: tinyshakespeare on a device-sized preset)"
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             extra = dict(nargs="?", const="true") if config.is_bool(name) else {}
             group.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
                                metavar=config.metavar(name), help=config.help_text(name), **extra)
+    for old, name in config.LEGACY_KEYS.items():  # old spellings still work, unlisted
+        parser.add_argument("--" + old.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, str]:
@@ -44,4 +47,4 @@ def flags_of(args: argparse.Namespace) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from tritongpt.train import trainer
 
-    return trainer.train(trainer.configure(flags_of(args), args.config))
+    return trainer.train(trainer.configure(flags_of(args), args.config, env=os.environ))

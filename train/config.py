@@ -19,12 +19,14 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.model.config import PRESETS, GPTConfig
+from tritongpt.kernels import registry
+from tritongpt.model.config import MODEL_OPS, PRESETS, GPTConfig, check_preset
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -34,7 +36,7 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # what to train on and where the run lives
     data: str | None = _f(None, "shard dir from `tritongpt prepare` (default: tinyshakespeare, prepared "
@@ -90,6 +92,8 @@ RUN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "m
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
 assert not RUN_FIELDS.keys() & MODEL_FIELDS.keys(), "TrainConfig and GPTConfig field names must differ"
 _HINTS = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfig)}
+# old key -> its name now, read in TOML files, flags and checkpoints written before the rename
+LEGACY_KEYS = {"norm": "layer_norm"}
 
 # Run settings per model preset, sized for the default data (tinyshakespeare: ~300k train tokens);
 # model fields here override the model preset for training. Larger corpora want more steps.
@@ -113,24 +117,28 @@ def auto_preset() -> str:
 
 
 def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = None,
-            base: dict[str, Any] | None = None) -> TrainConfig:
+            base: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> TrainConfig:
     """The TrainConfig from defaults < preset < TOML file < flags.
 
     `flags` maps field names to the strings typed on the command line. `base`, when given (the
-    flat config of a run being resumed), replaces defaults and preset.
+    flat config of a run being resumed), replaces defaults and preset. `env` (the command line
+    passes os.environ) fills the backend of each op left unset from TRITONGPT_<OP>, then
+    `backend` from TRITONGPT_BACKEND: a per-op variable beats a global --backend.
     """
-    flags = {k: parse(k, v, "flag --" + k.replace("_", "-"), text=True) for k, v in (flags or {}).items()}
+    flags = parse_all(flags or {}, "flag", text=True)
     from_file = read_toml(toml_path) if toml_path else {}
     preset = flags.get("preset", from_file.get("preset", base["preset"] if base else "auto"))
     if preset == "auto":
         preset = auto_preset()
-    if preset not in PRESETS:
-        raise TritonGPTError(f"preset: unknown preset {preset!r}; choices: auto, {', '.join(PRESETS)}")
+    check_preset(preset)
     layers = [base] if base else [TRAIN_PRESETS.get(preset, {})]
     values: dict[str, Any] = {}
     for layer in (*layers, from_file, flags):
         values.update(layer)
     values["preset"] = preset
+    for name, choice in registry.env_choices(env or {}).items():
+        if name in (*MODEL_OPS, registry.GLOBAL) and values.get(name) is None:
+            values[name] = choice
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     try:
@@ -146,14 +154,14 @@ def peek(key: str, flags: dict[str, str] | None = None, toml_path: str | Path | 
     """One run setting by flags > TOML > default, without resolving the rest (e.g. `out` and
     `resume`, needed to find the checkpoint whose config a resumed run starts from)."""
     if flags and key in flags:
-        return parse(key, flags[key], "flag --" + key.replace("_", "-"), text=True)
+        return parse(key, flags[key], "flag", text=True)
     from_file = read_toml(toml_path) if toml_path else {}
     return from_file[key] if key in from_file else RUN_FIELDS[key].default
 
 
 def from_dict(flat: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from its flat form (OUT/config.json, a checkpoint's train_config)."""
-    return resolve(base={k: parse(k, v, "config", text=False) for k, v in flat.items()})
+    """A TrainConfig from its flat form (OUT/config.json, a checkpoint's config)."""
+    return resolve(base=parse_all(flat, "config", text=False))
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -173,11 +181,20 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise TritonGPTError(f"config file {path} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TritonGPTError(f"config file {path}: invalid TOML: {exc}") from exc
-    return {k: parse(k, v, f"{path}", text=False) for k, v in raw.items()}
+    return parse_all(raw, str(path), text=False)
+
+
+def parse_all(raw: Mapping[str, Any], source: str, *, text: bool) -> dict[str, Any]:
+    """{field: value} of `raw`: old key names renamed, values converted (see `parse`)."""
+    return {LEGACY_KEYS.get(k, k): parse(k, v, source, text=text) for k, v in raw.items()}
 
 
 def parse(key: str, value: Any, source: str, *, text: bool) -> Any:
-    """`value` for field `key` converted to the field's type; `text`: it was typed as a string."""
+    """`value` for field `key` converted to the field's type; `text`: it was typed as a string.
+    `source` names where it came from in errors: "flag" (then --key is named), a file, "config"."""
+    if source == "flag":
+        source = "flag --" + key.replace("_", "-")
+    key = LEGACY_KEYS.get(key, key)
     if key not in _HINTS or key == "model":
         raise TritonGPTError(f"unknown config key {key!r} (in {source}); see `tritongpt train --help`")
     try:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 from collections.abc import Iterable, Iterator
-
-HELP = "stream text from a checkpoint (--ckpt) or a Hugging Face GPT-2 directory (--hf)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9 (default off)")
     parser.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    for flag in ("attention", "norm", "mlp", "backend"):
-        parser.add_argument(f"--{flag}", default=None, help=f"{flag} backend to run with (default: the model's)")
+    add_backend_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from tritongpt.train.distributed import resolve_device
 
     device = resolve_device(args.device)
-    backends = {k: getattr(args, k) for k in ("attention", "norm", "mlp", "backend") if getattr(args, k)}
+    backends = backend_choices(args)
     if args.ckpt:
         ckpt = checkpoint.load(args.ckpt, "cpu")
         model = checkpoint.model_from(ckpt, device, source=args.ckpt, **backends)
@@ -61,6 +59,28 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--attention, --layer-norm, --mlp and --backend: the kernels to run a loaded model with."""
+    from tritongpt.model.config import MODEL_OPS
+
+    for op in MODEL_OPS:
+        parser.add_argument(f"--{op.replace('_', '-')}", dest=op, default=None,
+                            help=f"{op} backend (default: auto for the device, or TRITONGPT_{op.upper()})")
+    parser.add_argument("--norm", dest="layer_norm", help=argparse.SUPPRESS)  # the old name of --layer-norm
+    parser.add_argument("--backend", default=None, help="backend of every op not given (default: auto, or "
+                                                        "TRITONGPT_BACKEND)")
+
+
+def backend_choices(args: argparse.Namespace) -> dict[str, str]:
+    """{op or "backend": name} from the flags, then the TRITONGPT_* variables (the command line's edge)."""
+    from tritongpt.kernels import registry
+    from tritongpt.model.config import MODEL_OPS
+
+    given = {k: getattr(args, k) for k in (*MODEL_OPS, registry.GLOBAL) if getattr(args, k)}
+    from_env = {k: v for k, v in registry.env_choices(os.environ).items() if k in (*MODEL_OPS, registry.GLOBAL)}
+    return {**from_env, **given}
 
 
 def stream_text(enc, tokens: Iterable) -> Iterator[str]:

@@ -25,18 +25,21 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import atomic_write
+from tritongpt.kernels import registry
+from tritongpt.kernels.spec import DTYPES
+from tritongpt.model.config import MODEL_OPS, GPTConfig
+from tritongpt.progress import Progress
 from tritongpt.train import checkpoint, distributed
 from tritongpt.train.config import TrainConfig
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Dense (no sparsity) tensor-core peak FLOP/s per GPU by autocast dtype; fp32 runs use TF32
 # (set_float32_matmul_precision("high")). First substring of torch.cuda.get_device_name() wins.
@@ -88,18 +91,25 @@ def doc_ids_from(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
     return torch.cumsum((idx == eot_id).to(torch.int32), dim=1)
 
 
-def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None = None) -> TrainConfig:
-    """The config of a run: resolved from defaults, preset, TOML and flags, or — with resume and a
-    checkpoint in OUT — from the checkpoint's config with the TOML and flags on top."""
+def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None = None,
+              env: Mapping[str, str] | None = None) -> TrainConfig:
+    """The config of a run: resolved from defaults, preset, TOML, flags and `env` (the backend
+    variables; the command line passes os.environ), or — with resume and a checkpoint in OUT —
+    from the checkpoint's config with the TOML and flags on top."""
     from tritongpt.train import config
 
     out = config.peek("out", flags, toml_path)
     newest = checkpoint.latest(out) if config.peek("resume", flags, toml_path) else None
     if newest is None:
-        return config.resolve(flags, toml_path)
-    resumed = config.resolve(flags, toml_path, base=checkpoint.read_train_config(newest))
-    resumed.out = out  # where the checkpoint was found, even if the run directory moved
-    return resumed
+        return config.resolve(flags, toml_path, env=env)
+    resumed = config.resolve(flags, toml_path, base=checkpoint.read_config(newest), env=env)
+    return dataclasses.replace(resumed, out=out)  # where the checkpoint was found, even if the run directory moved
+
+
+def resolve_backends(config: GPTConfig, device: torch.device) -> GPTConfig:
+    """`config` with each op's backend a registered name usable on `device` (auto resolved)."""
+    return dataclasses.replace(config, **{op: registry.choose(op, getattr(config, op), config.backend, device)
+                                          for op in MODEL_OPS})
 
 
 def default_data(d: distributed.Dist) -> Path:
@@ -138,9 +148,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
+        # the config records the backend names each op resolved to; a bad one fails before any write
+        model_config = resolve_backends(cfg.model, self.device)
+        data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
+        self.cfg = cfg = dataclasses.replace(cfg, data=data, model=model_config)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = GPT(cfg.model).to(self.device)  # resolves the backends: a bad one fails before any write
-        cfg.data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
+        self.model = GPT(cfg.model).to(self.device)
         # One loader step per optimizer step: the global batch of world_size * grad_accum * batch_size
         # windows depends only on (seed, step); this rank's rows are cut into grad_accum micro-batches.
         # So world_size x grad_accum can be traded for one another without changing what is trained on.
@@ -174,7 +187,7 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.model.flops_per_token()
         self.backends = self.model.backend_names()
-        self.progress = Progress(cfg.max_steps, enabled=d.is_main)
+        self.progress = Progress(cfg.max_steps, label="step", enabled=d.is_main)
         self.stop_signal: int | None = None
 
     # --- the loop -------------------------------------------------------------------------
@@ -183,7 +196,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write(self.out / "config.json",
+            atomic_write(self.out / "config.json",
                                     lambda fh: fh.write(json.dumps(cfg.to_dict(), indent=2).encode() + b"\n"))
             self._start_metrics()
             n = self.model.num_params()
@@ -323,11 +336,9 @@ class Trainer:
         rngs = distributed.gather(self.d, checkpoint.rng_state())
         loaders = distributed.gather(self.d, self.loader.state_dict())
         if self.d.is_main:
-            state = dict(step=self.step, model=self.model.state_dict(),
-                         model_config=dataclasses.asdict(self.cfg.model), train_config=self.cfg.to_dict(),
+            state = dict(step=self.step, model=self.model.state_dict(), config=self.cfg.to_dict(),
                          optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rngs,
-                         loader=loaders, backends=self.backends, tokenizer=self.tokenizer,
-                         world_size=self.d.world_size)
+                         loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size)
             checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
         distributed.barrier(self.d)
 
@@ -356,7 +367,7 @@ class Trainer:
         if self.step and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
-        checkpoint.atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept).encode()))
+        atomic_write(path, lambda fh: fh.write("".join(line + "\n" for line in kept).encode()))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a") as fh:
@@ -388,52 +399,6 @@ class Trainer:
         return previous
 
 
-class Progress:
-    """A progress bar on a terminal; plain lines at log steps otherwise. Prints only if enabled."""
-
-    def __init__(self, total: int, enabled: bool, stream=None) -> None:
-        self.total, self.enabled = total, enabled
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.status = ""
-        self.started = time.perf_counter()
-        self.first_step: int | None = None
-        self.drawn = False
-
-    def update(self, step: int, status: str | None = None, log: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.first_step is None:
-            self.first_step, self.started = step - 1, time.perf_counter()
-        if status is not None:
-            self.status = status
-        if self.tty:
-            done = step / self.total
-            rate = (step - self.first_step) / max(1e-9, time.perf_counter() - self.started)
-            eta = (self.total - step) / rate if rate > 0 else 0.0
-            bar = "#" * int(24 * done) + "." * (24 - int(24 * done))
-            self.stream.write(f"\r\x1b[K[{bar}] {step}/{self.total} {self.status} | eta {eta:.0f}s")
-            self.stream.flush()
-            self.drawn = True
-        elif log:
-            print(f"step {step}/{self.total} | {self.status}", file=self.stream, flush=True)
-
-    def write(self, line: str) -> None:
-        """A line printed above the bar."""
-        if not self.enabled:
-            return
-        if self.tty and self.drawn:
-            self.stream.write("\r\x1b[K")
-            self.drawn = False
-        print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
 def plot_losses(metrics: Path, png: Path) -> Path | None:
     """Train and val loss against step from metrics.jsonl, as a PNG (skipped without matplotlib)."""
     try:
@@ -454,6 +419,6 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    checkpoint.atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
     return png

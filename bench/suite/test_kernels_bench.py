@@ -1,6 +1,6 @@
-"""pytest-benchmark suite over the kernels of `tritongpt bench`: every registered backend and
-peer of attention, layer_norm and mlp, forward / backward / forward+backward, on the same
-sweep of shapes (tiny shapes on a CPU, real ones on a GPU).
+"""pytest-benchmark suite over the kernels of `tritongpt bench`: every registered backend of
+every op (its spec gives the sweep) and torch.compile of its reference, forward / backward /
+forward+backward, on the same shapes (tiny shapes on a CPU, real ones on a GPU).
 
     python -m pytest bench/suite --benchmark-only
     python -m pytest bench/suite --benchmark-only -k "attention and triton and fwd+bwd"
@@ -17,6 +17,8 @@ import torch
 
 from tritongpt.bench import kernels
 from tritongpt.bench.report import describe_error
+from tritongpt.kernels import registry
+from tritongpt.kernels.spec import MODES, dtype_name
 
 DEVICE = kernels.default_device()
 DTYPE = kernels.default_dtype(DEVICE)
@@ -24,13 +26,13 @@ QUICK = DEVICE.type != "cuda"  # tiny shapes on a CPU
 
 
 def _params():
-    for op in kernels.OPS:
+    for op in registry.ops():
         found, _ = kernels.providers(op, DEVICE)
-        for case in kernels.sweep(op, QUICK):
+        for case in registry.spec(op).cases(QUICK):
             for provider in found:
                 reason = provider.note if provider.make is None or not provider.timed else ""
                 marks = [pytest.mark.skip(reason=f"{provider.name}: {reason}")] if reason else []
-                for mode in kernels.MODES:
+                for mode in MODES:
                     name = f"{op}-{provider.name}-{case.shape.replace(' ', '_')}-{mode}"
                     yield pytest.param(case, provider, mode, id=name, marks=marks)
 
@@ -42,9 +44,10 @@ def test_kernel(benchmark, case, provider, mode):
 
 
 def _bench(benchmark, case, provider, mode):
-    sets = kernels.input_sets(case, DTYPE, DEVICE)
+    spec = registry.spec(case.op)
+    sets = kernels.input_sets(spec, case, DTYPE, DEVICE)
     try:
-        run = kernels.runner(mode, provider.make(), sets, kernels.op_kwargs(case))
+        run = kernels.runner(mode, provider.make(), sets)
         run()  # compiles, autotunes, or fails here rather than inside the timing
     except Exception as exc:  # unsupported case, out of memory: skipped, with the reason
         pytest.skip(describe_error(exc))
@@ -54,8 +57,8 @@ def _bench(benchmark, case, provider, mode):
         if DEVICE.type == "cuda":
             torch.cuda.synchronize(DEVICE)
 
-    unit, amount = kernels.work(case, mode, DTYPE)
+    unit, amount = spec.work(case, mode, DTYPE)
     benchmark.extra_info.update(op=case.op, provider=provider.name, mode=mode, shape=case.shape,
-                                dtype=str(DTYPE).removeprefix("torch."), unit=unit, work_per_call=amount,
+                                dtype=dtype_name(DTYPE), unit=unit, work_per_call=amount,
                                 cpu_times=QUICK)
     benchmark(call)

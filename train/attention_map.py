@@ -13,16 +13,15 @@ embeddings (learned or sinusoidal; RoPE has none). Needs matplotlib (`pip instal
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.files import atomic_write
 
-HELP = "plot attention weights (per layer/head) of a checkpoint over a text, and position-embedding similarity"
 MAX_LABELED_PANELS = 16  # token tick labels only when the figure has at most this many heat maps
-TORCH_BACKENDS = dict(attention="torch", norm="torch", mlp="torch")  # the reference path, any machine
+TORCH_BACKENDS = dict(backend="torch")  # the reference path, on any machine
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def attention_probs(model, idx: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """{layer: attention weights (B, H, T, T) in fp32} of `model` on idx (B, T): softmax of the
     scaled q k^T with the model's mask, from the q, k each chosen layer computes in forward."""
-    from tritongpt.kernels.reference import attention_mask
+    from tritongpt.kernels.attention_spec import attention_mask
 
     captured = {}
 
@@ -79,10 +78,8 @@ def _load(args: argparse.Namespace):
     if args.hf:
         from tritongpt.model.hf import load_hf
         return load_hf(args.hf, **TORCH_BACKENDS).eval(), "gpt2"
-    try:
-        from tritongpt.train import checkpoint
-    except ImportError as exc:
-        raise TritonGPTError(f"--ckpt needs tritongpt.train.checkpoint, which failed to import: {exc}") from exc
+    from tritongpt.train import checkpoint
+
     ckpt = checkpoint.load(args.ckpt, "cpu")  # as load_model does, keeping the checkpoint's tokenizer name
     return checkpoint.model_from(ckpt, "cpu", source=args.ckpt, **TORCH_BACKENDS), ckpt.get("tokenizer", "gpt2")
 
@@ -96,13 +93,8 @@ def _pick(value: int | None, count: int, name: str) -> list[int]:
 
 
 def _save(fig, path: Path) -> None:
-    """savefig to a temporary name beside `path`, then rename into place."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=120,
+                                              bbox_inches="tight"))
 
 
 def run(args: argparse.Namespace) -> int:

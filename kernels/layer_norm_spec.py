@@ -1,0 +1,90 @@
+"""The `layer_norm` op: its input checks, its plain-PyTorch reference (backend `torch`), Liger's
+kernel when installed (`liger`), and the spec that drives tests, benchmarks and `tritongpt
+verify`. The Triton kernel is `kernels/layer_norm.py`.
+
+    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias   over the last dim,
+
+where s = x, or s = x + residual: with `residual` the op returns (y, s), the pre-LN block's
+fused residual add, else y.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from tritongpt.errors import require
+from tritongpt.kernels import checks, registry
+from tritongpt.kernels.spec import Case, Inputs, OpSpec
+
+
+def check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+          residual: torch.Tensor | None) -> int:
+    """Checks LayerNorm inputs; returns N, the normalized (last) dim."""
+    require(x.dim() >= 1 and x.shape[-1] >= 1, f"layer_norm: x must have a last dim >= 1, got {checks.describe(x)}")
+    checks.same_kind("layer_norm", "x", x, weight=weight, bias=bias, residual=residual)
+    n = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        require(p is None or tuple(p.shape) == (n,),
+                f"layer_norm: {name} must have shape ({n},) to match x's last dim, "
+                f"got {tuple(p.shape) if p is not None else None}")
+    require(residual is None or residual.shape == x.shape,
+            f"layer_norm: residual shape {tuple(residual.shape) if residual is not None else None} "
+            f"!= x shape {tuple(x.shape)}")
+    return n
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              eps: float = 1e-5, residual: torch.Tensor | None = None):
+    """LN(x), or (LN(x + residual), x + residual) with `residual`."""
+    n = check(x, weight, bias, residual)
+    s = x if residual is None else x + residual
+    y = F.layer_norm(s, (n,), weight, bias, eps)
+    return y if residual is None else (y, s)
+
+
+def liger(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+          eps: float = 1e-5, residual: torch.Tensor | None = None):
+    """Liger-Kernel's LayerNorm (`pip install liger-kernel`); the residual add runs in PyTorch."""
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    n = check(x, weight, bias, residual)
+    s = x if residual is None else x + residual
+    ones = torch.ones(n, dtype=x.dtype, device=x.device)
+    y = LigerLayerNormFunction.apply(s, ones if weight is None else weight,
+                                     torch.zeros_like(ones) if bias is None else bias, eps)
+    return y if residual is None else (y, s)
+
+
+def cases(quick: bool) -> list[Case]:
+    """M rows fixed, N swept."""
+    m, widths = (64, (64, 256)) if quick else (16384, (768, 1024, 1536, 2048, 3072, 4096, 6144, 8192))
+    return [Case("layer_norm", (("M", m), ("N", n)), n, "layer_norm") for n in widths]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
+    """Rows off-centre (so centring matters), weight near 1, small bias."""
+    m, n = case["M"], case["N"]
+
+    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen, device=device) * scale + shift).to(dtype).requires_grad_()
+
+    args = (rand(m, n, shift=0.5), rand(n, scale=0.1, shift=1.0), rand(n, scale=0.1))
+    return Inputs(args, {"eps": 1e-5}, torch.randn(m, n, generator=gen, device=device).to(dtype))
+
+
+def work(case: Case, mode: str, dtype: torch.dtype) -> tuple[str, float]:
+    """Bytes: forward reads x, w, b and writes y; backward reads x, dy, w and writes dx, dw, db
+    (the per-row statistics are not counted)."""
+    m, n, elt = case["M"], case["N"], torch.finfo(dtype).bits // 8
+    moved = {"fwd": 2 * m * n + 2 * n, "bwd": 3 * m * n + 3 * n}
+    moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
+    return "gbps", moved[mode] * elt
+
+
+SPEC = OpSpec("layer_norm", reference, cases, make_inputs, work, size_label="N")
+registry.register_op(SPEC)
+if importlib.util.find_spec("liger_kernel") is not None:
+    registry.register("layer_norm", "liger", liger, needs="cuda")
