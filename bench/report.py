@@ -133,7 +133,8 @@ def header_lines(head: dict) -> list[str]:
              f"timer: {head['timer']}"]
     c = head.get("ceilings") or {}
     if c:
-        lines.append(f"ceilings: copy {_fmt(c['copy_gbps'])} GB/s, matmul {_fmt(c['matmul_tflops'])} TFLOP/s ({c['matmul']})")
+        lines.append(f"ceilings: copy {_fmt(c['copy_gbps'])} GB/s, "
+                     f"matmul {_fmt(c['matmul_tflops'])} TFLOP/s ({c['matmul']})")
     if head.get("interpreter"):
         lines.append("TRITON_INTERPRET=1: Triton backends are checked for correctness, never timed")
     return lines
@@ -204,7 +205,8 @@ def to_csv(head: dict, rows: list[dict]) -> str:
         buf.write(f"# {key}: {head[key]}\n")
     c = head.get("ceilings") or {}
     if c:
-        buf.write(f"# ceilings: copy_gbps={c['copy_gbps']:.6g} matmul_tflops={c['matmul_tflops']:.6g} ({c['matmul']})\n")
+        buf.write(f"# ceilings: copy_gbps={c['copy_gbps']:.6g} matmul_tflops={c['matmul_tflops']:.6g} "
+                  f"({c['matmul']})\n")
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for r in rows:
@@ -242,7 +244,8 @@ def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
     except ImportError:
         return []
     paths = []
-    title = f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | {head['dtype']}"
+    title = (f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
+             f"{head['dtype']}")
     if head.get("cpu_times"):
         title += " | CPU times"
     for op in dict.fromkeys(r["op"] for r in rows):

@@ -1,6 +1,7 @@
 """Named assets (the GPT-2 BPE ranks, tinyshakespeare), found offline first.
 
-    TRITONGPT_ASSETS=../shared/data python -c "from tritongpt.data.assets import find_asset; print(find_asset('gpt2.tiktoken'))"
+    TRITONGPT_ASSETS=../shared/data python -c \
+        "from tritongpt.data.assets import find_asset; print(find_asset('gpt2.tiktoken'))"
 
 `find_asset(name)` looks in this order and returns the first hit:
   1. each directory of env var TRITONGPT_ASSETS (os.pathsep-separated),
@@ -57,14 +58,6 @@ def cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tritongpt"
     return Path.home() / ".cache" / "tritongpt"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_asset(name: str, download: bool = True) -> Path:

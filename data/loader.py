@@ -1,6 +1,7 @@
 """ShardLoader: (x, y) batches of token windows from memory-mapped shards, DDP-aware and resumable.
 
-    python -c "from tritongpt.data.loader import ShardLoader; x, y = ShardLoader('data/shakespeare', 'train', 4, 64).next_batch(); print(x.shape)"
+    python -c "from tritongpt.data.loader import ShardLoader; \
+        x, y = ShardLoader('datasets/shakespeare', 'train', 4, 64).next_batch(); print(x.shape)"
 
 Which files a split reads, first match wins:
   1. meta.json (from `tritongpt prepare`): the shards it lists for the split;

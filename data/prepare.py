@@ -17,8 +17,8 @@ of about CHUNK_CHARS characters at points where tokenizing the pieces separately
 tokens of the whole (just after a newline, or else just before a space, with non-whitespace on
 both sides; only text with no such point for 4 * CHUNK_CHARS characters is cut anywhere).
 Pieces are tokenized by `workers` processes (at most one per CHUNK_CHARS bytes of input) and written
-in input order, so the shards do not depend on the number of workers. Each shard, and then the whole output directory, is written under a temp
-name and renamed into place.
+in input order, so the shards do not depend on the number of workers. The output directory is
+built beside its target and swapped in whole once every shard is written (tritongpt.files).
 """
 
 from __future__ import annotations

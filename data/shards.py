@@ -1,6 +1,7 @@
 """Token shards in llm.c's format, and nanoGPT's header-less .bin files.
 
-    python -c "import numpy as np; from tritongpt.data.shards import write_shard, read_shard; write_shard('t.bin', np.arange(9)); print(read_shard('t.bin'))"
+    python -c "import numpy as np; from tritongpt.data.shards import write_shard, read_shard; \
+        write_shard('t.bin', np.arange(9)); print(read_shard('t.bin'))"
 
 A shard (llm.c, modded-nanogpt FineWeb) is a header of 256 little-endian int32 — [0] the magic
 20240520, [1] the version 1, [2] the token count, the rest zero — then that many uint16 token ids.

@@ -1,6 +1,7 @@
 """Tokenizers: tiktoken encodings, GPT-2's built offline from the gpt2.tiktoken asset.
 
-    TRITONGPT_ASSETS=../shared/data python -c "from tritongpt.data.tokenizer import get_encoding; print(get_encoding('gpt2').encode_ordinary('Hello world'))"
+    TRITONGPT_ASSETS=../shared/data python -c \
+        "from tritongpt.data.tokenizer import get_encoding; print(get_encoding('gpt2').encode_ordinary('Hello world'))"
     # [15496, 995]
 """
 
@@ -49,4 +50,5 @@ def check_fits_uint16(encoding: tiktoken.Encoding) -> None:
     """Shards store uint16 token ids: refuse encodings whose ids reach 65536."""
     if encoding.n_vocab > UINT16_LIMIT:
         raise TritonGPTError(f"tokenizer {encoding.name!r} has {encoding.n_vocab} tokens; uint16 shards hold ids "
-                             f"below {UINT16_LIMIT}, so it cannot be used (pick one with a vocabulary of at most 65536)")
+                             f"below {UINT16_LIMIT}, so it cannot be used (pick one with a vocabulary of at most "
+                             f"65536)")

@@ -11,7 +11,7 @@ a dK/dV pass runs one program per BLOCK_N keys of one k/v head (looping over tha
 of query heads, so grouped-query dk/dv are summed in a fixed order without atomics), and a dQ
 pass runs one program per BLOCK_M queries. Both passes are deterministic.
 
-Masks (same semantics as `reference.attention_mask`): query i sits at key position
+Masks (same semantics as `attention_spec.attention_mask`): query i sits at key position
 pos(i) = i + S - T; causal keeps keys j <= pos(i); a window w keeps j > pos(i) - w; doc ids
 keep keys of the query's own document. Key blocks that causal/window bounds exclude are never
 visited; blocks they keep entirely run without any position mask (`CHECK_POS=False`).
@@ -775,7 +775,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v without materializing the scores. q: (B, T, H, D); k, v:
     (B, S, H_kv, D) with H_kv dividing H; head_dim in HEAD_DIMS. Same semantics as
-    `reference.attention` (causal aligns bottom-right; window; doc_ids (B, S))."""
+    `attention_spec.reference` (causal aligns bottom-right; window; doc_ids (B, S))."""
     d = _check(q, k, v, causal, window, doc_ids)[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, _ = _flash_attn_fwd_op(q, k, v, doc_ids, causal, scale, window)

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "registered backends ('not here': needs a GPU this machine lacks).")
     comp = sub.add_parser("compile", help="compile every kernel config for an arch and report regs/smem/spills",
                           description="Compile every registered Triton kernel and autotune config for a GPU "
-                                      "architecture without a GPU; exit 1 if any fails, spills, or exceeds shared memory.")
+                                      "architecture without a GPU; exit 1 if any fails, spills, or exceeds shared "
+                                      "memory.")
     comp.add_argument("--arch", default="sm_90", help="sm_80, sm_86, sm_89 or sm_90 (default sm_90)")
     comp.add_argument("--filter", default="", help="only kernels whose name contains this")
 

@@ -114,8 +114,8 @@ def _ptxas_stats(ptx: str, arch: int) -> tuple[int | None, int | None]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp, "k.ptx")
         src.write_text(ptx)
-        out = subprocess.run([_ptxas_path(arch), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp, "k.o"))],
-                             capture_output=True, text=True)
+        out = subprocess.run([_ptxas_path(arch), f"-arch=sm_{arch}{suffix}", "-v", str(src),
+                              "-o", str(Path(tmp, "k.o"))], capture_output=True, text=True)
     log = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]

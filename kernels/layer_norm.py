@@ -512,7 +512,7 @@ _layer_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5, residual: torch.Tensor | None = None):
-    """LayerNorm over the last dim (see `kernels/reference.py`, whose signature this follows).
+    """LayerNorm over the last dim (see `kernels/layer_norm_spec.py`, whose signature this follows).
     With `residual`, returns (LN(x + residual), x + residual) from one kernel pass.
     x: any leading shape, last dim N with unit stride; leading dims are flattened with
     `reshape` (a copy only when they cannot be viewed as rows)."""

@@ -304,7 +304,7 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
              b2: torch.Tensor | None, approximate: str = "tanh", residual: torch.Tensor | None = None,
              recompute: bool = False) -> torch.Tensor:
     """y = gelu(x @ w1^T + b1) @ w2^T + b2 (+ residual) on Triton; the `mlp` op's contract
-    (kernels/reference.py). x (..., C); w1 (Hid, C), w2 (C, Hid) in nn.Linear layout.
+    (kernels/mlp_spec.py). x (..., C); w1 (Hid, C), w2 (C, Hid) in nn.Linear layout.
     recompute=True keeps no hidden activations for backward and recomputes them there."""
     m, c, _ = mlp_spec.check(x, w1, b1, w2, b2, approximate, residual)
     checks.triton_device("mlp", x=x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)

@@ -36,7 +36,8 @@ def check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.
         require(bias is None or tuple(bias.shape) == (size,),
                 f"mlp: {name} must be ({size},), got {tuple(bias.shape) if bias is not None else None}")
     require(residual is None or residual.shape == x.shape,
-            f"mlp: residual shape {tuple(residual.shape) if residual is not None else None} != x shape {tuple(x.shape)}")
+            f"mlp: residual shape {tuple(residual.shape) if residual is not None else None} "
+            f"!= x shape {tuple(x.shape)}")
     return x.numel() // c, c, hid
 
 
@@ -62,7 +63,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype).requires_grad_()
 
-    args = (rand(m, c), rand(h, c, scale=c ** -0.5), rand(h, scale=0.1), rand(c, h, scale=h ** -0.5), rand(c, scale=0.1))
+    args = (rand(m, c), rand(h, c, scale=c ** -0.5), rand(h, scale=0.1), rand(c, h, scale=h ** -0.5),
+            rand(c, scale=0.1))
     return Inputs(args, {"approximate": "tanh"}, torch.randn(m, c, generator=gen, device=device).to(dtype))
 
 

@@ -156,7 +156,8 @@ def choose(op: str, choice: str | None = None, default: str | None = None,
     if value == AUTO:
         return "triton" if "triton" in _BACKENDS[op] and triton_usable(device) else "torch"
     if value not in _BACKENDS[op]:
-        raise TritonGPTError(f"unknown {op} backend {value!r} (from {source}); choices: {', '.join(choices(op, device))}")
+        raise TritonGPTError(f"unknown {op} backend {value!r} (from {source}); "
+                             f"choices: {', '.join(choices(op, device))}")
     if not usable(op, value, device):
         where = "CUDA" if _BACKENDS[op][value].needs == "cuda" else "a CUDA device or TRITON_INTERPRET=1"
         raise TritonGPTError(f"{op} backend {value!r} (from {source}) needs {where}; "

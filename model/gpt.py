@@ -142,7 +142,8 @@ class GPT(nn.Module):
         return self.lm_head(x)[..., :self.config.real_vocab_size]
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point
+                or ids.dtype == torch.bool):
             raise TritonGPTError(f"{name} must be a (batch, seq) integer tensor, got "
                                  f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
         if ids.size(1) > self.config.block_size:
@@ -236,11 +237,15 @@ class GPT(nn.Module):
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                     eos_id: int | None, vocab: int) -> None:
-    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1, f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    require(temperature >= 0 and math.isfinite(temperature), f"generate: temperature must be >= 0 (0: greedy), got {temperature!r}")
-    require(top_k is None or (isinstance(top_k, int) and top_k >= 1), f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    require(isinstance(max_new_tokens, int) and max_new_tokens >= 1,
+            f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    require(temperature >= 0 and math.isfinite(temperature),
+            f"generate: temperature must be >= 0 (0: greedy), got {temperature!r}")
+    require(top_k is None or (isinstance(top_k, int) and top_k >= 1),
+            f"generate: top_k must be None or an int >= 1, got {top_k!r}")
     require(top_p is None or 0.0 < top_p <= 1.0, f"generate: top_p must be None or in (0, 1], got {top_p!r}")
-    require(eos_id is None or 0 <= eos_id < vocab, f"generate: eos_id must be a token id in [0, {vocab}), got {eos_id!r}")
+    require(eos_id is None or 0 <= eos_id < vocab,
+            f"generate: eos_id must be a token id in [0, {vocab}), got {eos_id!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

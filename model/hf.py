@@ -95,7 +95,8 @@ def load_hf(directory: str | os.PathLike, **overrides) -> GPT:
             elif key == "wpe.weight":
                 src = src[:config.block_size]
             if src.shape != param.shape:
-                raise TritonGPTError(f"load_hf: {key} has shape {tuple(src.shape)}, the config needs {tuple(param.shape)}")
+                raise TritonGPTError(f"load_hf: {key} has shape {tuple(src.shape)}, "
+                                     f"the config needs {tuple(param.shape)}")
             param.copy_(src)
     unused = sorted(set(weights) - used)
     if unused:
@@ -116,7 +117,8 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return weights
     if (directory / "pytorch_model.bin").is_file():
         return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise TritonGPTError(f"load_hf: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {directory}")
+    raise TritonGPTError(f"load_hf: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                         f"in {directory}")
 
 
 def hf_config(config: GPTConfig) -> dict:

@@ -17,6 +17,14 @@ if _shared.is_dir():
 for _var in [v for v in os.environ if v.startswith("TRITONGPT_") and v != "TRITONGPT_ASSETS"]:
     del os.environ[_var]
 
+# The test-only op written by README's "Adding an op" recipe: spec-driven tests (test_ops.py),
+# the benchmark's quick run and verify pick it up like any op.
+import toy_op  # noqa: E402  (after TRITON_INTERPRET is set: it defines a Triton kernel)
+
+from tritongpt.kernels import registry  # noqa: E402
+
+toy_op.register(registry)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -19,6 +19,7 @@ from tritongpt.kernels import attention as attn
 from tritongpt.kernels import attention_spec, registry
 
 ON_GPU = torch.cuda.is_available()
+CPU = torch.device("cpu")
 
 
 def _doc_ids(b: int, s: int, n_docs: int, gen: torch.Generator, device) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _inputs(b, t, s, h, h_kv, d, dtype, device, seed, n_docs=0):
 
 
 def _reference(q, k, v, do, causal, scale, window, docs):
-    """float64 output, base-2 log-sum-exp and gradients of reference.attention."""
+    """float64 output, base-2 log-sum-exp and gradients of attention_spec.reference."""
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out = attention_spec.reference(q64, k64, v64, causal, scale, window, docs)
     dq, dk, dv = torch.autograd.grad(out, (q64, k64, v64), do.double())
@@ -52,7 +53,7 @@ def _reference(q, k, v, do, causal, scale, window, docs):
 
 
 def _check(b, t, s, h, h_kv, d, causal, window=None, n_docs=0, dtype=torch.float32, scale=None,
-           device=torch.device("cpu"), seed=0):
+           device=CPU, seed=0):
     """Launch forward and backward into NaN-poisoned buffers and compare all five outputs."""
     q, k, v, do, docs = _inputs(b, t, s, h, h_kv, d, dtype, device, seed, n_docs)
     softmax_scale = scale if scale is not None else 1 / math.sqrt(d)

@@ -115,7 +115,8 @@ def test_command_reads_training_checkpoint(gpt2_vocab_export, tmp_path):
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     cli = pytest.importorskip("tritongpt.cli")
     try:
-        code = cli.main(["attention-map", "--hf", str(tmp_path / "none"), "--text", "x", "--out", str(tmp_path / "a.png")])
+        code = cli.main(["attention-map", "--hf", str(tmp_path / "none"), "--text", "x",
+                         "--out", str(tmp_path / "a.png")])
     except ImportError as exc:  # another subcommand's module not written yet
         pytest.skip(f"tritongpt CLI incomplete: {exc}")
     assert code == 2

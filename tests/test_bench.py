@@ -117,7 +117,8 @@ def test_timed_rows_and_interpreter_rows(quick_run):
         if registry.interpreting() and r["provider"] == "triton":
             assert r["ms"] is None and r["note"] == kernels.INTERPRETER_NOTE, r  # never timed
         elif r["provider"] in ("torch", "sdpa"):
-            unit = "gbps" if r["op"] == "layer_norm" else "tflops"
+            spec = registry.spec(r["op"])
+            unit, _ = spec.work(spec.cases(True)[0], r["mode"], torch.float32)
             assert r["ms"] > 0 and r[unit] > 0 and r["pct_peak"] > 0, r
             if r["provider"] == kernels.BASELINE:
                 assert r["speedup"] == 1.0

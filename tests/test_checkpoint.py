@@ -1,11 +1,13 @@
 """Checkpoint files: atomic writes (a kill -9 mid-save leaves the previous checkpoint), newest
 lookup, pruning, RNG state round trips, and load_model from a run directory or a file."""
 
-import dataclasses
+import json
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +130,33 @@ def test_rng_state_round_trip(tmp_path):
     draws()
     checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
+
+
+LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_checkpoint"
+
+
+def test_checkpoint_from_before_one_config_loads():
+    flat = checkpoint.read_config(LEGACY / "run" / "ckpt_0000002.pt")
+    assert flat["layer_norm"] == "torch" and flat["attention"] == "sdpa" and "norm" not in flat
+    model, _ = checkpoint.load_model(LEGACY / "run", backend="torch")
+    assert model.config.n_embd == 16 and model.config.real_vocab_size == 64
+    tokens = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
+    assert tokens.shape == (1, 6) and int(tokens.max()) < 64
+
+
+def test_checkpoint_from_before_one_config_resumes(tmp_path):
+    """--resume continues the old run as if it had never stopped (the losses of steps 3 and 4
+    equal those of the old code's uninterrupted run)."""
+    from tritongpt.train import trainer
+
+    shutil.copytree(LEGACY / "run", tmp_path / "run")
+    flags = {"out": str(tmp_path / "run"), "resume": "true", "max_steps": "4", "data": str(LEGACY / "data")}
+    assert trainer.train(trainer.configure(flags)) == 0
+    losses = {str(r["step"]): r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if "loss" in r}
+    expected = json.loads((LEGACY / "straight_losses.json").read_text())
+    assert losses.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert abs(losses[step] - loss) <= 1e-5 * abs(loss), (step, losses[step], loss)
+    new = torch.load(checkpoint.latest(tmp_path / "run"), weights_only=True)
+    assert new["step"] == 4 and new["config"]["layer_norm"] == "torch" and "train_config" not in new

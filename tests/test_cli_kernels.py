@@ -127,3 +127,14 @@ def test_unknown_backend_is_one_line_exit_2_console_script(tmp_path):
 def test_missing_subcommand_is_a_usage_error(capsys):
     code, _, err = run_main(["kernels"], capsys)
     assert code == 2 and "usage: tritongpt kernels" in err
+
+
+def test_top_level_help_imports_no_torch():
+    """`tritongpt --help` only names the commands: no subcommand module (and so no torch) is imported."""
+    code = ("import sys, contextlib, io\nfrom tritongpt.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'train' in out.getvalue())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

@@ -3,6 +3,7 @@ an independent plain-PyTorch forward, loss semantics, config checks, accounting,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -97,6 +98,10 @@ def test_backends_match_float64_model(variant, choices, device):
         assert_rel_close(grads[name], ref_grads[name], fp32, f"grad of {name}")
 
 
+def _layer_param(params: dict, layer: int, name: str) -> torch.Tensor:
+    return params[f"transformer.h.{layer}.{name}"]
+
+
 def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
     """An independent float64 GPT forward written the textbook way (x = x + attn(ln_1(x)); x = x +
     mlp(ln_2(x))), with its own RoPE (complex rotation), sinusoid and masks: full logits."""
@@ -129,7 +134,7 @@ def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None) -
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
     for layer in range(c.n_layer):
-        w = lambda name: p[f"transformer.h.{layer}.{name}"]  # noqa: E731
+        w = functools.partial(_layer_param, p, layer)
         a = F.layer_norm(x, (c.n_embd,), w("ln_1.weight"), w("ln_1.bias"))
         qkv = a @ w("attn.c_attn.weight").T + w("attn.c_attn.bias")
         q = rotate(qkv[..., :h * hd].unflatten(-1, (h, hd)))

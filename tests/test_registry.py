@@ -159,7 +159,7 @@ def test_auto_under_interpreter_is_triton(triton_here):
 
 
 def test_unknown_op():
-    with pytest.raises(TritonGPTError, match="unknown op 'norm'; ops: attention, layer_norm, mlp"):
+    with pytest.raises(TritonGPTError, match="unknown op 'norm'; ops: attention, layer_norm, mlp"):  # sorted
         registry.backends("norm")
 
 
