@@ -26,6 +26,7 @@ COMMANDS = {
     "attention-map": ("tritongpt.train.attention_map",
                       "plot attention weights (per layer/head) of a checkpoint over a text"),
     "bench": ("tritongpt.bench.cli", "benchmark every op's backends and GPT training steps"),
+    "verify": ("tritongpt.bench.verify", "check every backend of every op on this device at a model's shapes"),
 }
 
 

@@ -4,12 +4,12 @@
     tritongpt bench attention --dtype fp16        # one op (`tritongpt kernels list` shows them)
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
+    tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/gpu_report.py)
     python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
 
-Prints a table on stdout (progress goes to stderr) and writes OUT (default ./bench-results,
-in the working directory)/<device>_<date>.json (a
-header object and the rows), .csv (the same rows) and one PNG per op when matplotlib is
-installed. On a CPU the times are CPU times, and Triton kernels run only under the
+Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (OUT:
+./bench-results in the working directory; a header object and the rows), .csv (the same rows)
+and one PNG per op when matplotlib is installed. On a CPU the times are CPU times, and Triton kernels run only under the
 interpreter (`TRITON_INTERPRET=1 tritongpt bench all --quick`), checked for correctness and
 never timed. Exits 1 when a row is flagged (error above tolerance, losses disagree).
 """
@@ -33,13 +33,17 @@ STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tritongpt.kernels import registry
 
-    parser.add_argument("target", choices=(*registry.ops(), "step", "all"), help="an op, the training step, or all")
+    parser.add_argument("target", choices=(*registry.ops(), "step", "all", "report"),
+                        help="an op, the training step, all of them, or the GPU report (see below)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, short timings and the tiny preset: for the CPU and CI")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"directory for the JSON / CSV / PNG files (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"directory for the result files (default {DEFAULT_OUT}; report: "
+                             f"{DEFAULT_OUT}/report_<device>_<date>)")
+    parser.add_argument("--budget", type=float, default=480.0,
+                        help="report: seconds the whole report may take, compilation included (default 480)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
@@ -48,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="step: batch size (default 16; --quick: 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="step: sequence length (default 1024; --quick: 32)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="step: timed training steps after one warm-up step (default 10; --quick: 2)")
+                        help="step: timed training steps, after warm-up steps until the step time is steady "
+                             "(default 10; --quick: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
 
 
@@ -66,8 +71,10 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) < 1:
             raise TritonGPTError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.out.exists() and not args.out.is_dir():
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise TritonGPTError(f"--out {args.out} exists and is not a directory")
+    if args.budget <= 0:
+        raise TritonGPTError(f"--budget must be > 0 seconds, got {args.budget}")
     if args.target in ("step", "all"):
         check_preset(args.preset)
     return device, DTYPES[args.dtype]
@@ -88,9 +95,10 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Run the benchmarks `args` ask for; returns (header, rows)."""
     from tritongpt.bench import kernels, report, step
     from tritongpt.kernels import registry
+    from tritongpt.kernels.measure import Timer
     device, dtype = _resolve(args)
     log = report.log
-    timer = kernels.Timer(device, args.quick)
+    timer = Timer(device, args.quick)
     if device.type == "cpu":
         log("running on the CPU: times are CPU times" + ("" if args.quick else " (without --quick this takes long)"))
     log(f"measuring ceilings on {report.device_name(device)} ...")
@@ -116,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
     from tritongpt.bench import report
     from tritongpt.bench.kernels import FLAG
     from tritongpt.bench.step import LOSS_FLAG
+    if args.target == "report":
+        from tritongpt.bench import gpu_report
+        return gpu_report.run(args, *_resolve(args))
     head, rows = collect(args)
     print(report.format_table(head, rows))
-    for path in report.write(args.out, head, rows):
+    for path in report.write(args.out or DEFAULT_OUT, head, rows):
         print(f"wrote {path}")
     flagged = [r for r in rows if FLAG in r["note"] or LOSS_FLAG in r["note"]]
     for r in flagged:

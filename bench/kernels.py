@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +26,8 @@ import torch
 
 from tritongpt.bench.report import blank_row, describe_error
 from tritongpt.kernels import registry
-from tritongpt.kernels.spec import MODES, Case, Inputs, OpSpec, call, dtype_name, first, grads, rel_err, tolerance
+from tritongpt.kernels.measure import Timer, errors, peak_mb, runner
+from tritongpt.kernels.spec import MODES, Case, Inputs, OpSpec, call, dtype_name, grads, tolerance
 
 BASELINE = "torch"  # speedups are relative to this backend
 COMPILE = "torch.compile"  # the peer that compiles the `torch` backend of the op
@@ -111,49 +109,7 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing, memory and the device's ceilings
-
-
-@dataclass(frozen=True)
-class Timer:
-    """Median milliseconds of a no-argument callable: triton.testing.do_bench on CUDA (which
-    also flushes L2 between calls), a time.perf_counter loop on the CPU."""
-    device: torch.device
-    quick: bool = False
-
-    @property
-    def description(self) -> str:
-        if self.device.type == "cuda":
-            return "triton.testing.do_bench median; L2 flushed and inputs rotated across copies"
-        return "CPU TIMES: wall-clock median of time.perf_counter loops on the CPU, not GPU speed"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-            warmup, rep = (5, 20) if self.quick else (25, 100)
-            return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-        budget_s = 0.05 if self.quick else 0.5
-        fn()  # warm-up: first-call allocations and lazy initialization
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < 5 or (time.perf_counter() - start < budget_s and len(times) < 1000):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
-
-def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """MiB allocated at the peak of one call of `fn`, above what was allocated before it (the
-    inputs); None on the CPU, which has no allocator statistics."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+# The device's ceilings and the input sets
 
 
 def ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
@@ -192,26 +148,6 @@ def input_sets(spec: OpSpec, case: Case, dtype: torch.dtype, device: torch.devic
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
         copies = max(1, min(MAX_COPIES, math.ceil(4 * l2 / first.nbytes)))
     return [first] + [spec.make_inputs(case, dtype, device, gen) for _ in range(copies - 1)]
-
-
-def runner(mode: str, fn: Callable, sets: list[Inputs]) -> Callable[[], object]:
-    """A no-argument callable running `mode` once, on the next input set in turn. Gradients come
-    from torch.autograd.grad (nothing accumulates into .grad); `bwd` reuses graphs built here."""
-    turn = itertools.cycle(range(len(sets)))
-    if mode == "fwd":
-        return lambda: call(fn, sets[next(turn)])
-    if mode == "bwd":
-        outs = [call(fn, s) for s in sets]
-
-        def backward() -> object:
-            i = next(turn)
-            return grads(outs[i], sets[i], retain_graph=True)
-        return backward
-
-    def forward_backward() -> object:
-        s = sets[next(turn)]
-        return grads(call(fn, s), s)
-    return forward_backward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,9 +210,7 @@ def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tup
         fn = p.make()
         out = call(fn, sets[0])
         gradients = grads(out, sets[0])
-        errors = {} if isinstance(ref, str) else {
-            "err_out": rel_err(first(out), ref[0]),
-            "err_grad": max(rel_err(g, r) for g, r in zip(gradients, ref[1]))}
+        errs = {} if isinstance(ref, str) else errors(out, gradients, ref)
         del out, gradients
     except Exception as exc:
         note = describe_error(exc)
@@ -285,10 +219,10 @@ def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tup
             row["note"] = _join(p.note, note)
         return list(rows.values())
     for row in rows.values():
-        row.update(errors)
+        row.update(errs)
         row["note"] = _join(row["note"], f"no errors: reference failed ({ref})" if isinstance(ref, str) else "")
     if not p.timed:
-        log(f"  {p.name:<16} {p.note}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+        log(f"  {p.name:<16} {p.note}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
         return list(rows.values())
     for mode, row in rows.items():
         try:

@@ -234,75 +234,106 @@ def write(out_dir: Path, head: dict, rows: list[dict]) -> list[Path]:
     return paths + plot(out_dir, name, head, rows)
 
 
-def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
-    """One PNG per op: throughput vs size, a line per provider, a panel per (series, mode); for
-    step rows a bar chart of tokens/s per combination. Nothing without matplotlib."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
-    paths = []
+        return None
+    return plt
+
+
+def _title(head: dict) -> str:
     title = (f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
              f"{head['dtype']}")
-    if head.get("cpu_times"):
-        title += " | CPU times"
+    return title + (" | CPU times" if head.get("cpu_times") else "")
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
+    """One PNG per op: throughput vs size, a line per provider, a panel per (series, mode); for
+    step rows a bar chart of tokens/s per combination. Nothing without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    paths = []
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op]
         if op == "step":
-            fig = _plot_step(plt, mine)
+            if not any(r["tokens_per_s"] is not None for r in mine):
+                continue
+            fig, ax = plt.subplots(figsize=(1.2 * len(mine) + 3, 3.5), layout="constrained")
+            _draw_step(ax, mine)
         else:
-            fig = _plot_kernel(plt, op, mine)
-        if fig is None:
-            continue
-        fig.suptitle(f"{op}\n{title}", fontsize=9)
+            series = list(dict.fromkeys(r["series"] for r in mine))
+            modes = list(dict.fromkeys(r["mode"] for r in mine))
+            fig, axes = plt.subplots(len(series), len(modes), figsize=(4.5 * len(modes), 3.2 * len(series)),
+                                     squeeze=False, layout="constrained")
+            for i, s in enumerate(series):
+                for j, mode in enumerate(modes):
+                    _draw_kernel(axes[i][j], op, [r for r in mine if r["series"] == s and r["mode"] == mode],
+                                 f"{s} {mode}")
+        fig.suptitle(f"{op}\n{_title(head)}", fontsize=9)
         path = out_dir / f"{name}_{op}.png"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, _png(plt, fig))
         paths.append(path)
     return paths
 
 
-def _plot_kernel(plt, op: str, rows: list[dict]):
-    unit = "tflops" if any(r["tflops"] is not None for r in rows) else "gbps"
-    series = list(dict.fromkeys(r["series"] for r in rows))
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(len(series), len(modes), figsize=(4.5 * len(modes), 3.2 * len(series)),
-                             squeeze=False, layout="constrained")
-    sizes = sorted({r["size"] for r in rows})
-    for i, s in enumerate(series):
-        for j, mode in enumerate(modes):
-            ax = axes[i][j]
-            here = [r for r in rows if r["series"] == s and r["mode"] == mode]
-            for provider in dict.fromkeys(r["provider"] for r in here):
-                points = sorted((r["size"], r[unit]) for r in here if r["provider"] == provider and r[unit] is not None)
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sizes, [str(x) for x in sizes], minor=False)
-            ax.minorticks_off()
-            ax.set_title(f"{s} {mode}", fontsize=9)
-            ax.set_xlabel(registry.spec(op).size_label)
-            ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
-            ax.grid(True, alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    return fig
-
-
-def _plot_step(plt, rows: list[dict]):
-    timed = [r for r in rows if r["tokens_per_s"] is not None]
-    if not timed:
+def figure(head: dict, rows: list[dict]) -> bytes | None:
+    """One PNG: a panel per op (forward+backward throughput vs size, a line per provider and
+    series) and one for the training step; None without matplotlib or rows."""
+    plt = _pyplot()
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    if plt is None or not ops:
         return None
-    fig, ax = plt.subplots(figsize=(1.2 * len(timed) + 3, 3.5), layout="constrained")
+    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False, layout="constrained")
+    for ax, op in zip(axes[0], ops):
+        mine = [r for r in rows if r["op"] == op]
+        if op == "step":
+            _draw_step(ax, mine)
+        else:
+            _draw_kernel(ax, op, [r for r in mine if r["mode"] == "fwd+bwd"], f"{op} fwd+bwd", by_series=True)
+    fig.suptitle(_title(head), fontsize=9)
+    return _png(plt, fig)
+
+
+def _draw_kernel(ax, op: str, rows: list[dict], title: str, by_series: bool = False) -> None:
+    unit = "tflops" if any(r["tflops"] is not None for r in rows) else "gbps"
+    sizes = sorted({r["size"] for r in rows})
+    lines = dict.fromkeys((r["provider"], r["series"] if by_series else "") for r in rows)
+    for provider, series in lines:
+        points = sorted((r["size"], r[unit]) for r in rows if r["provider"] == provider
+                        and (not by_series or r["series"] == series) and r[unit] is not None)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=f"{provider} {series}".strip())
+    ax.set_xscale("log", base=2)
+    if sizes:
+        ax.set_xticks(sizes, [str(int(x)) for x in sizes], minor=False)
+    ax.minorticks_off()
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(registry.spec(op).size_label if op in registry.ops() else "size")
+    ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+
+
+def _draw_step(ax, rows: list[dict]) -> None:
+    timed = [r for r in rows if r["tokens_per_s"] is not None]
     ax.bar([r["provider"] for r in timed], [r["tokens_per_s"] for r in timed])
     ax.set_ylabel("tokens/s")
-    ax.set_title(timed[0]["shape"], fontsize=9)
+    ax.set_title(timed[0]["shape"] if timed else "training step", fontsize=9)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    return fig
 
 
 _START = time.perf_counter()

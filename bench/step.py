@@ -72,9 +72,12 @@ def combos(compile: bool = True) -> list[Combo]:
 
 def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
              steps: int, warmup: int, ceiling: dict, compile: bool = True, seed: int = 0,
-             log: Callable[[str], None] = lambda message: None) -> list[dict]:
+             log: Callable[[str], None] = lambda message: None, deadline: float | None = None) -> list[dict]:
     """One row per combination (see `combos`). Every combination starts from the same seed and
-    trains `warmup + steps` steps on the same batch; the last `steps` are timed."""
+    trains on the same batch: at least `warmup` steps, more until the step time is steady (no
+    compile or autotune left in it), then `steps` timed steps. `loss` is the loss of step
+    warmup + steps, the same step for every combination. Combinations not started by `deadline`
+    (time.monotonic()) get a row saying so."""
     from tritongpt.model.config import GPTConfig
     check_preset(preset)
     config = GPTConfig.from_preset(preset)
@@ -86,6 +89,11 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
     todo = combos(compile)
     for i, combo in enumerate(todo):
         log(f"[step {i + 1}/{len(todo)}] {combo.name}: {combo.label}")
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append(blank_row(op="step", provider=combo.name, mode="train", series=preset, size=seq_len,
+                                  shape=f"{preset} B={batch_size} T={seq_len}", dtype=dtype_name(dtype),
+                                  backends=combo.label, note="not run: out of time budget"))
+            continue
         rows.append(_run_combo(combo, preset=preset, block=block, batch=batch, device=device, dtype=dtype,
                                steps=steps, warmup=warmup, ceiling=ceiling, seed=seed, log=log))
         if combo.compiled:
@@ -137,18 +145,26 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
             optimizer.zero_grad(set_to_none=True)
             return loss.detach()
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(warmup):
-            train_step()
-        times, loss = [], None
-        for _ in range(steps):
+        def timed_step() -> tuple[float, torch.Tensor]:
             _sync(device)
             start = time.perf_counter()
             loss = train_step()
             _sync(device)
-            times.append(time.perf_counter() - start)
-        row["loss"] = loss.item()
+            return time.perf_counter() - start, loss
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        losses, warm = [], []
+        while len(warm) < warmup or (not steady(warm) and len(warm) < MAX_WARMUP):
+            seconds, loss = timed_step()
+            warm.append(seconds)
+            losses.append(loss)
+        times = []
+        for _ in range(steps):
+            seconds, loss = timed_step()
+            times.append(seconds)
+            losses.append(loss)
+        row["loss"] = losses[warmup + steps - 1].item()  # the same step in every combination
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if not interpreted:  # torch-only combinations are timed on the CPU too (CPU times)
@@ -164,6 +180,15 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         row["note"] = describe_error(exc)
         log(f"  failed: {row['note']}")
     return row
+
+
+MAX_WARMUP = 20  # warm-up steps at most while waiting for a steady step time
+STEADY = 0.1  # steady: the last two warm-up steps within 10% of each other
+
+
+def steady(seconds: list[float]) -> bool:
+    """The step time has settled: nothing compiles or autotunes in the last two steps."""
+    return len(seconds) >= 2 and abs(seconds[-1] - seconds[-2]) <= STEADY * min(seconds[-2:])
 
 
 def train_defaults(preset: str):

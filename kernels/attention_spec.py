@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tritongpt.errors import require
 from tritongpt.kernels import checks, registry
-from tritongpt.kernels.spec import Case, Inputs, OpSpec, call, first, grads
+from tritongpt.kernels.spec import Case, Inputs, ModelShape, OpSpec, call, first, grads
 
 # ----------------------------------------------------------------------------------------------
 # Input checks, shared by every backend
@@ -150,9 +150,25 @@ def cases(quick: bool) -> list[Case]:
             for d in head_dims for causal in (True, False) for t in seqs]
 
 
+LONG_SEQ = 16384  # the long-sequence case `verify` adds to a model's own shape
+
+
+def model_cases(shape: ModelShape) -> list[Case]:
+    """The model's causal self-attention, and one long sequence (the same tokens per step when
+    that allows a whole sequence) with its heads."""
+    def case(b: int, t: int) -> Case:
+        dims = (("B", b), ("T", t), ("H", shape.n_head), ("Hkv", shape.n_kv_head), ("D", shape.head_dim))
+        return Case("attention", dims, t, f"D={shape.head_dim} causal", (("causal", True),))
+    long_t = max(LONG_SEQ, shape.seq_len)
+    return [case(shape.batch, shape.seq_len), case(max(1, shape.batch * shape.seq_len // long_t), long_t)]
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
-    shape = (case["B"], case["T"], case["H"], case["D"])
-    q, k, v, dout = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(4))
+    """q (B, T, H, D); k and v with Hkv heads (H when the case has no Hkv)."""
+    b, t, h, d = case["B"], case["T"], case["H"], case["D"]
+    h_kv = dict(case.dims).get("Hkv", h)
+    q, k, v, dout = (torch.randn(shape, generator=gen, device=device).to(dtype)
+                     for shape in ((b, t, h, d), (b, t, h_kv, d), (b, t, h_kv, d), (b, t, h, d)))
     return Inputs((q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), {"causal": case["causal"]}, dout)
 
 
@@ -186,7 +202,8 @@ def chunked_oracle(inputs: Inputs, dtype: torch.dtype) -> tuple[torch.Tensor, li
     return torch.cat(outs, dim=2), [torch.cat(g, dim=2) for g in (dq, dk, dv)]
 
 
-SPEC = OpSpec("attention", reference, cases, make_inputs, work, size_label="T", chunked_oracle=chunked_oracle)
+SPEC = OpSpec("attention", reference, cases, make_inputs, work, size_label="T", model_cases=model_cases,
+              chunked_oracle=chunked_oracle)
 registry.register_op(SPEC)
 registry.register("attention", "sdpa", sdpa)
 for _name, _kernel in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION"),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tritongpt.errors import require
 from tritongpt.kernels import checks, registry
-from tritongpt.kernels.spec import Case, Inputs, OpSpec
+from tritongpt.kernels.spec import Case, Inputs, ModelShape, OpSpec
 
 
 def check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -64,6 +64,11 @@ def cases(quick: bool) -> list[Case]:
     return [Case("layer_norm", (("M", m), ("N", n)), n, "layer_norm") for n in widths]
 
 
+def model_cases(shape: ModelShape) -> list[Case]:
+    """Every token's row of the residual stream."""
+    return [Case("layer_norm", (("M", shape.batch * shape.seq_len), ("N", shape.n_embd)), shape.n_embd, "layer_norm")]
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
     """Rows off-centre (so centring matters), weight near 1, small bias."""
     m, n = case["M"], case["N"]
@@ -84,7 +89,7 @@ def work(case: Case, mode: str, dtype: torch.dtype) -> tuple[str, float]:
     return "gbps", moved[mode] * elt
 
 
-SPEC = OpSpec("layer_norm", reference, cases, make_inputs, work, size_label="N")
+SPEC = OpSpec("layer_norm", reference, cases, make_inputs, work, size_label="N", model_cases=model_cases)
 registry.register_op(SPEC)
 if importlib.util.find_spec("liger_kernel") is not None:
     registry.register("layer_norm", "liger", liger, needs="cuda")

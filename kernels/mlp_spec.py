@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tritongpt.errors import require
 from tritongpt.kernels import checks, registry
-from tritongpt.kernels.spec import Case, Inputs, OpSpec
+from tritongpt.kernels.spec import Case, Inputs, ModelShape, OpSpec
 
 GELU_FORMS = ("tanh", "none")
 
@@ -56,6 +56,12 @@ def cases(quick: bool) -> list[Case]:
     return [Case("mlp", (("M", m), ("C", c), ("H", 4 * c)), c, "mlp") for c in widths]
 
 
+def model_cases(shape: ModelShape) -> list[Case]:
+    """Every token through the block's MLP."""
+    m, c, h = shape.batch * shape.seq_len, shape.n_embd, shape.hidden
+    return [Case("mlp", (("M", m), ("C", c), ("H", h)), c, "mlp")]
+
+
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
     """Weights scaled 1/sqrt(fan_in), as a trained GPT's keep its activations O(1)."""
     m, c, h = case["M"], case["C"], case["H"]
@@ -73,5 +79,5 @@ def work(case: Case, mode: str, dtype: torch.dtype) -> tuple[str, float]:
     return "tflops", 2 * 2 * case["M"] * case["C"] * case["H"] * {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[mode]
 
 
-SPEC = OpSpec("mlp", reference, cases, make_inputs, work, size_label="C")
+SPEC = OpSpec("mlp", reference, cases, make_inputs, work, size_label="C", model_cases=model_cases)
 registry.register_op(SPEC)

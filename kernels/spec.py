@@ -127,6 +127,25 @@ def first(out: Any) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The sizes a GPT calls its ops at (GPTConfig.shape builds it): what `verify` and the
+    measured `auto` check and time each op on."""
+
+    batch: int  # sequences per step
+    seq_len: int  # tokens per sequence
+    n_embd: int  # model width C
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads
+    hidden: int  # MLP hidden width
+    vocab: int  # real vocabulary (logits the model predicts)
+    vocab_padded: int  # rows of the embedding / lm_head weight
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(frozen=True)
 class OpSpec:
     """Everything tests, benchmarks and checks need to know about an op."""
 
@@ -136,6 +155,8 @@ class OpSpec:
     make_inputs: Callable[[Case, torch.dtype, torch.device, torch.Generator], Inputs]  # fresh random inputs
     work: Callable[[Case, str, torch.dtype], tuple[str, float]]  # mode -> ("tflops", FLOPs) or ("gbps", bytes)
     size_label: str = "size"  # name of the swept size (plots' x axis)
+    # the cases a GPT of this shape calls the op at (verify, measured auto); None: not a model op
+    model_cases: Callable[[ModelShape], list[Case]] | None = None
     # (inputs, dtype) -> (output, input gradients) of the reference in `dtype`; default: autograd
     # through `reference` at once (an op whose reference is too big at real sizes chunks it here)
     chunked_oracle: Callable[[Inputs, torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]] | None = None

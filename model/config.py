@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from tritongpt.errors import TritonGPTError, require
+from tritongpt.kernels.spec import ModelShape
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 MODEL_OPS = ("attention", "layer_norm", "mlp")  # the registry ops a GPT calls: each a field below
@@ -48,6 +49,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def shape(self, batch: int, seq_len: int | None = None) -> ModelShape:
+        """The sizes this model calls its ops at for (batch, seq_len) tokens (seq_len: block_size)."""
+        return ModelShape(batch=batch, seq_len=seq_len or self.block_size, n_embd=self.n_embd, n_head=self.n_head,
+                          n_kv_head=self.kv_heads, hidden=self.mlp_ratio * self.n_embd,
+                          vocab=self.real_vocab_size, vocab_padded=self.vocab_size)
 
     def validate(self) -> None:
         """Raise TritonGPTError naming the first inconsistent field."""

@@ -6,22 +6,10 @@ and put on a subprocess's PYTHONPATH), appears in `tritongpt kernels list` and i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-
-
-def installed_toy(tmp_path: Path) -> dict[str, str]:
-    """The environment of a process where the toy op is an installed plugin."""
-    info = tmp_path / "toy_op-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-op\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[tritongpt.backends]\ntoy_scale = toy_op:register\n")
-    path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "TRITON_INTERPRET": "1"}
+from _util import install_plugin
 
 
 def tritongpt(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -30,7 +18,7 @@ def tritongpt(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_toy_op_is_listed_and_benchmarked(tmp_path):
-    env = installed_toy(tmp_path / "site")
+    env = install_plugin(tmp_path / "site", "toy-op", "toy_op:register")  # toy_op.py is in tests/
     listed = tritongpt("kernels", "list", env=env)
     assert listed.returncode == 0, listed.stderr
     (line,) = [line for line in listed.stdout.splitlines() if line.startswith("toy_scale")]

@@ -16,6 +16,7 @@ import torch
 from tritongpt.bench import kernels, report, step
 from tritongpt.cli import main
 from tritongpt.kernels import registry
+from tritongpt.kernels.measure import Timer
 from tritongpt.kernels.spec import MODES, Case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_work_counts():
 
 def _tiny_norm_rows(*extra: kernels.Provider) -> list[dict]:
     device = torch.device("cpu")
-    timer = kernels.Timer(device, quick=True)
+    timer = Timer(device, quick=True)
     found = [p for p in kernels.providers("layer_norm", device, compile=False)[0] if p.name == "torch"]
     spec = registry.spec("layer_norm")
     return kernels.run_case(spec, spec.cases(True)[0], found + list(extra), device=device, dtype=torch.float32,

@@ -8,10 +8,10 @@ built-ins loaded on first use, and backends from installed packages (entry point
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from _util import install_plugin
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import layer_norm as triton_layer_norm
@@ -180,33 +180,21 @@ def test_bad_registrations_are_refused():
     assert "x" not in registry.backends(OP)
 
 
-def write_plugin(root, name: str, body: str) -> str:
-    """An installed-looking distribution `name` under `root` whose `tritongpt.backends` entry point
-    runs `body` (a function of the registry module); returns the PYTHONPATH entry."""
-    module = f"{name}_plugin"
-    (root / f"{module}.py").write_text("def register(registry):\n" + textwrap.indent(textwrap.dedent(body), "    "))
-    info = root / f"{name}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[tritongpt.backends]\n{name} = {module}:register\n")
-    return str(root)
-
-
-def run_with_plugins(paths: list[str], code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+def run_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_plugins_add_backends_and_a_broken_one_is_one_warning(tmp_path):
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    good.mkdir()
-    bad.mkdir()
-    paths = [write_plugin(good, "goodpkg", """
-        registry.register("layer_norm", "goodpkg", registry.resolve("layer_norm", "torch"))
-        """), write_plugin(bad, "badpkg", """
-        registry.register("nosuch_op", "badpkg", print)
-        """)]
-    out = run_with_plugins(paths, "from tritongpt.kernels import registry\nprint(registry.backends('layer_norm'))")
+    site = tmp_path / "site"
+    install_plugin(site, "goodpkg", "goodpkg_plugin:register", "goodpkg_plugin", """
+        def register(registry):
+            registry.register("layer_norm", "goodpkg", registry.resolve("layer_norm", "torch"))
+        """)
+    env = install_plugin(site, "badpkg", "badpkg_plugin:register", "badpkg_plugin", """
+        def register(registry):
+            registry.register("nosuch_op", "badpkg", print)
+        """)
+    out = run_with(env, "from tritongpt.kernels import registry\nprint(registry.backends('layer_norm'))")
     assert out.returncode == 0, out.stderr
     assert "goodpkg" in out.stdout and "badpkg" not in out.stdout
     warnings = [line for line in out.stderr.splitlines() if "Warning" in line]

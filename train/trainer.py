@@ -106,9 +106,29 @@ def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None 
     return dataclasses.replace(resumed, out=out)  # where the checkpoint was found, even if the run directory moved
 
 
-def resolve_backends(config: GPTConfig, device: torch.device) -> GPTConfig:
-    """`config` with each op's backend a registered name usable on `device` (auto resolved)."""
-    return dataclasses.replace(config, **{op: registry.choose(op, getattr(config, op), config.backend, device)
+def resolve_backends(config: GPTConfig, device: torch.device, *, batch: int | None = None,
+                     dtype: torch.dtype | None = None, log=print) -> GPTConfig:
+    """`config` with each op's backend a registered name usable on `device`. Ops left on auto are
+    measured on CUDA when `batch` and `dtype` are given (train/auto.py; under torchrun rank 0
+    measures and every rank takes its choices); otherwise auto is the registry's."""
+    auto_ops = [op for op in MODEL_OPS if (getattr(config, op) or config.backend or registry.AUTO) == registry.AUTO]
+    measured: dict[str, str] = {}
+    if auto_ops and batch and dtype is not None and device.type == "cuda" and not registry.interpreting():
+        import torch.distributed as dist
+
+        from tritongpt.data.assets import cache_dir
+        from tritongpt.train.auto import CACHE_FILE, DecisionCache, choose_backends
+
+        shared = dist.is_available() and dist.is_initialized()
+        if not shared or dist.get_rank() == 0:
+            measured = choose_backends(auto_ops, config.shape(batch), device, dtype,
+                                       DecisionCache(cache_dir() / CACHE_FILE), log)
+        if shared:
+            box = [measured]
+            dist.broadcast_object_list(box, src=0)
+            measured = box[0]
+    return dataclasses.replace(config, **{op: measured.get(op) or registry.choose(op, getattr(config, op),
+                                                                                  config.backend, device)
                                           for op in MODEL_OPS})
 
 

@@ -18,6 +18,7 @@ import torch
 from tritongpt.bench import kernels
 from tritongpt.bench.report import describe_error
 from tritongpt.kernels import registry
+from tritongpt.kernels.measure import runner
 from tritongpt.kernels.spec import MODES, dtype_name
 
 DEVICE = kernels.default_device()
@@ -47,7 +48,7 @@ def _bench(benchmark, case, provider, mode):
     spec = registry.spec(case.op)
     sets = kernels.input_sets(spec, case, DTYPE, DEVICE)
     try:
-        run = kernels.runner(mode, provider.make(), sets)
+        run = runner(mode, provider.make(), sets)
         run()  # compiles, autotunes, or fails here rather than inside the timing
     except Exception as exc:  # unsupported case, out of memory: skipped, with the reason
         pytest.skip(describe_error(exc))
