@@ -21,6 +21,7 @@ short (budget, Ctrl-C, a crash) leaves its results. The folder holds five files:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -135,7 +136,8 @@ def run_gpu_tests(log_path: Path, seconds: float) -> dict:
         output += f"\n[report] stopped after {seconds:.0f} s (the budget's share for the GPU tests)\n"
         code = 124
     atomic_write_bytes(log_path, output.encode())
-    summary = next((line for line in reversed(output.splitlines()) if " passed" in line or " failed" in line), "")
+    summary = next((line for line in reversed(output.splitlines())
+                    if re.search(r"\d+ (passed|failed|skipped|error|deselected)", line)), "")
     return {"returncode": code, "summary": summary.strip("= ")}
 
 
@@ -188,7 +190,7 @@ def _csv_header(head: dict) -> dict:
 def markdown(head: dict, results: dict) -> str:
     """Tables for README.md: verify's verdicts, fwd+bwd throughput per op and provider, the step."""
     lines = [f"### {head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
-             f"{head['dtype']}", ""]
+             f"{head['dtype']}" + (" | CPU times" if "CPU" in head["device"] else ""), ""]
     if results["verify"]:
         bad = [r for r in results["verify"] if r["status"] == "FAIL"]
         lines += [f"`tritongpt verify` (gpt2, B=8, T=1024): {len(results['verify'])} checks, {len(bad)} failed.", "",

@@ -6,9 +6,11 @@ correct backend and caches its decisions (injected timings: no GPU here)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from _util import install_plugin
 
@@ -126,3 +128,28 @@ def test_measure_checks_real_backends_here():
     usable = {n for n in registry.backends("layer_norm") if registry.usable("layer_norm", n, CPU)}
     assert {t.backend for t in timings} == usable
     assert all(t.ok for t in timings), timings
+
+
+# ---- the GPU report command, run on this CPU -------------------------------------------------
+
+
+def test_budget_shares_leave_time_to_later_phases():
+    from tritongpt.bench.gpu_report import PHASES, Budget
+
+    budget = Budget(100.0)
+    first = budget.phase_deadline("verify") - budget.start
+    assert abs(first - 100.0 * PHASES["verify"] / sum(PHASES.values())) < 1.0
+    assert abs(budget.phase_deadline("step") - budget.end) < 1.0  # the last phase gets all that is left
+
+
+@pytest.mark.slow
+def test_report_writes_its_five_files_within_the_budget(tmp_path):
+    done = tritongpt("bench", "report", "--quick", "--no-compile", "--budget", "60", "--out", str(tmp_path),
+                     env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytest-gpu.txt", "report.csv", "report.json",
+                                                            "report.md", "report.png"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["header"]["phases"]) == {"verify", "pytest-gpu", "kernels", "step"}
+    assert data["verify"] and data["kernels"] and data["step"]
+    assert "tritongpt verify" in (tmp_path / "report.md").read_text()
