@@ -27,6 +27,8 @@ COMMANDS = {
                       "plot attention weights (per layer/head) of a checkpoint over a text"),
     "bench": ("tritongpt.bench.cli", "benchmark every op's backends and GPT training steps"),
     "verify": ("tritongpt.bench.verify", "check every backend of every op on this device at a model's shapes"),
+    "eval": ("tritongpt.train.evaluate", "multiple-choice accuracy (HellaSwag's format) of a checkpoint or HF model"),
+    "export": ("tritongpt.train.export", "write a checkpoint as a Hugging Face GPT-2 directory"),
 }
 
 

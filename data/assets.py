@@ -27,21 +27,32 @@ from tritongpt.files import atomic_write
 
 @dataclass(frozen=True)
 class Asset:
-    sha256: str
+    checksum: str  # "sha256:<hex>", or "git-blob-sha1:<hex>" (the file's object id in its git repository)
     url: str
     what: str
+
+    @property
+    def sha256(self) -> str | None:
+        kind, _, value = self.checksum.partition(":")
+        return value if kind == "sha256" else None
 
 
 ASSETS = {
     "gpt2.tiktoken": Asset(
-        sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+        checksum="sha256:306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
         url="https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
         what="GPT-2's BPE merge ranks in tiktoken's format",
     ),
     "tinyshakespeare.txt": Asset(
-        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        checksum="sha256:86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         what="char-rnn's tinyshakespeare input.txt",
+    ),
+    "hellaswag_val.jsonl": Asset(
+        # the object id of data/hellaswag_val.jsonl in github.com/rowanz/hellaswag
+        checksum="git-blob-sha1:0f5ee25d72216f12317d5d8a7b92deafa423d81e",
+        url="https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+        what="HellaSwag's validation set (10,042 items), as llm.c evaluates it",
     ),
 }
 
@@ -74,31 +85,34 @@ def find_asset(name: str, download: bool = True) -> Path:
         except (OSError, ValueError, ImportError) as exc:
             failure = f"downloading it failed ({type(exc).__name__}: {exc})"
     where = ", ".join(str(p.parent) for p in candidates)
-    check = f" (sha256 {asset.sha256}, {asset.what}, from {asset.url})" if asset else ""
+    check = f" ({asset.checksum}, {asset.what}, from {asset.url})" if asset else ""
     raise TritonGPTError(f"asset {name!r} not found and {failure}: put {name}{check} in a directory listed in "
                          f"TRITONGPT_ASSETS or in the cache {cache_dir()} (looked in: {where})")
 
 
 def _download(name: str, asset: Asset) -> Path:
-    """Fetch `asset` into cache_dir()/name via a temp file, verify its sha256, then rename."""
+    """Fetch `asset` into cache_dir()/name via a temp file, verify its checksum, then rename."""
     target = cache_dir() / name
     target.parent.mkdir(parents=True, exist_ok=True)
     if name == "gpt2.tiktoken":
         import tiktoken.load  # tiktoken's own download, cached in its TIKTOKEN_CACHE_DIR
-        atomic_write(target, lambda out: _write_checked(out, [tiktoken.load.read_file_cached(asset.url, asset.sha256)],
-                                                        asset.sha256))
+        data = tiktoken.load.read_file_cached(asset.url, asset.sha256)
     else:
         with urllib.request.urlopen(asset.url, timeout=60) as response:
-            atomic_write(target, lambda out: _write_checked(out, iter(lambda: response.read(1 << 20), b""),
-                                                            asset.sha256))
+            data = response.read()  # assets are a few MB
+    got = checksum(asset.checksum.partition(":")[0], data)
+    if got != asset.checksum:  # raised before anything is written
+        raise ValueError(f"checksum of the download is {got}, expected {asset.checksum}")
+    atomic_write(target, lambda out: out.write(data))
     return target
 
 
-def _write_checked(out, blocks, sha256: str) -> None:
-    """Write `blocks` to `out`; raise (so nothing is kept) unless their sha256 is `sha256`."""
-    digest = hashlib.sha256()
-    for block in blocks:
-        digest.update(block)
-        out.write(block)
-    if digest.hexdigest() != sha256:
-        raise ValueError(f"sha256 of the download is {digest.hexdigest()}, expected {sha256}")
+def checksum(kind: str, data: bytes) -> str:
+    """"sha256:<hex>" or "git-blob-sha1:<hex>" (git's object id: the sha1 of "blob <size>", a NUL byte
+    and the data)."""
+    if kind == "sha256":
+        return f"sha256:{hashlib.sha256(data).hexdigest()}"
+    if kind == "git-blob-sha1":
+        header = b"blob " + str(len(data)).encode() + bytes(1)  # "blob <size>" and a NUL byte
+        return f"git-blob-sha1:{hashlib.sha1(header + data).hexdigest()}"
+    raise ValueError(f"unknown checksum kind {kind!r}")

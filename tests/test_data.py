@@ -1,6 +1,7 @@
 """Assets, the GPT-2 tokenizer, llm.c shards and the ShardLoader: real files in tmp dirs, the real
 gpt2.tiktoken asset, no network."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -58,14 +59,20 @@ def test_download_into_cache_verifies_sha256(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     for name, url in (("tinyshakespeare.txt", shared["tinyshakespeare.txt"].as_uri()),
                       ("gpt2.tiktoken", str(shared["gpt2.tiktoken"]))):
-        monkeypatch.setitem(assets.ASSETS, name, assets.Asset(assets.ASSETS[name].sha256, url, "test"))
+        monkeypatch.setitem(assets.ASSETS, name, assets.Asset(assets.ASSETS[name].checksum, url, "test"))
         assert assets.find_asset(name) == cache / name
         assert (cache / name).read_bytes() == shared[name].read_bytes()
-    bad_sha = assets.Asset("0" * 64, shared["tinyshakespeare.txt"].as_uri(), "test")
+    bad_sha = assets.Asset("sha256:" + "0" * 64, shared["tinyshakespeare.txt"].as_uri(), "test")
     monkeypatch.setitem(assets.ASSETS, "other.txt", bad_sha)
-    with pytest.raises(TritonGPTError, match="downloading it failed .*sha256 of the download is 86c4e6aa"):
+    with pytest.raises(TritonGPTError, match="downloading it failed .*checksum of the download is sha256:86c4e6aa"):
         assets.find_asset("other.txt")
-    assert sorted(p.name for p in cache.iterdir()) == ["gpt2.tiktoken", "tinyshakespeare.txt"]
+    # git's blob id as the checksum (HellaSwag's file is known by its object id in its repository)
+    text = shared["tinyshakespeare.txt"].read_bytes()
+    blob_id = hashlib.sha1(f"blob {len(text)}".encode() + bytes(1) + text).hexdigest()
+    monkeypatch.setitem(assets.ASSETS, "blob.txt", assets.Asset(f"git-blob-sha1:{blob_id}",
+                                                                shared["tinyshakespeare.txt"].as_uri(), "test"))
+    assert assets.find_asset("blob.txt").read_bytes() == text
+    assert sorted(p.name for p in cache.iterdir()) == ["blob.txt", "gpt2.tiktoken", "tinyshakespeare.txt"]
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
