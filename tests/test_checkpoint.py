@@ -1,7 +1,11 @@
-"""Checkpoint files: atomic writes (a kill -9 mid-save leaves the previous checkpoint), newest
-lookup, pruning, RNG state round trips, and load_model from a run directory or a file."""
+"""Checkpoint files: atomic writes (a kill -9 mid-save leaves the previous checkpoint), failed
+writes as one error, no non-finite state ever written, newest lookup, pruning that keeps the
+newest good state, the newest good checkpoint to resume from, RNG state round trips, and
+load_model from a run directory or a file."""
 
+import errno
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tritongpt import files
 from tritongpt.errors import TritonGPTError
 from tritongpt.model.gpt import GPT
 from tritongpt.train import checkpoint, config
@@ -42,19 +47,91 @@ def test_save_latest_and_prune(tmp_path, tiny):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_failed_write_leaves_previous_checkpoint(tmp_path, tiny, monkeypatch):
-    cfg, model = tiny
-    checkpoint.save(tmp_path, tiny_state(1, cfg, model))
-
+def _disk_full(monkeypatch):
     def crash(obj, fh):
         fh.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(tmp_path, tiny_state(2, cfg, model))
+
+
+def _permission_denied(monkeypatch):
+    def refuse(path, mode="r", *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(files, "open", refuse, raising=False)  # the temp file cannot be created
+
+
+@pytest.mark.parametrize("fail,message", [(_disk_full, "No space left on device"),
+                                          (_permission_denied, "Permission denied")])
+def test_failed_write_leaves_previous_checkpoint(tmp_path, tiny, monkeypatch, fail, message):
+    cfg, model = tiny
+    checkpoint.save(tmp_path, tiny_state(1, cfg, model), keep=1)
+    fail(monkeypatch)
+    with pytest.raises(TritonGPTError) as exc:
+        checkpoint.save(tmp_path, tiny_state(2, cfg, model), keep=1)
+    assert str(exc.value) == (f"cannot write checkpoint {tmp_path / 'ckpt_0000002.pt'}: {message}; the checkpoints "
+                              f"already in {tmp_path} are intact")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt_0000001.pt"]  # the temp file is cleaned up
     assert checkpoint.load(tmp_path)["step"] == 1
+
+
+def test_nonfinite_state_is_never_written(tmp_path, tiny):
+    """A NaN in the weights or an inf in the optimizer state: the checkpoint is refused, naming
+    where, and the previous one (keep 1) is not rotated out."""
+    cfg, model = tiny
+    checkpoint.save(tmp_path, tiny_state(1, cfg, model), keep=1)
+    state = tiny_state(2, cfg, model)
+    state["model"] = {k: v.clone() for k, v in state["model"].items()}
+    state["model"]["lm_head.weight"][3, 1] = math.nan
+    state["optimizer"] = {"state": {0: {"step": torch.tensor(2.0), "exp_avg_sq": torch.full((2, 2), math.inf)}}}
+    with pytest.raises(TritonGPTError) as exc:
+        checkpoint.save(tmp_path, state, keep=1)
+    assert str(exc.value) == (f"not writing checkpoint {tmp_path / 'ckpt_0000002.pt'}: non-finite values in "
+                              f"model.lm_head.weight, optimizer.state.0.exp_avg_sq")
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt_0000001.pt"]
+    assert checkpoint.nonfinite_tensors(checkpoint.load(tmp_path)) == []
+
+
+def test_nonfinite_tensors_names_nested_values():
+    state = {"a": torch.ones(3), "b": [torch.zeros(2), (torch.tensor([1.0, -math.inf]),)],
+             "c": {"d": torch.tensor(math.nan, dtype=torch.float64)}, "e": torch.arange(3), "f": 1.5,
+             "g": torch.tensor([1.0], dtype=torch.bfloat16)}
+    assert checkpoint.nonfinite_tensors(state) == ["b.1.0", "c.d"]
+    assert checkpoint.nonfinite_tensors({"rng": torch.ByteTensor([255]), "step": 3}) == []
+
+
+def test_prune_keeps_what_was_just_written(tmp_path, tiny):
+    """A run resumed from step 10 past a damaged ckpt_20 writes step 15 with keep 1: step 10 goes,
+    step 15 (the newest good state) stays, and the later, damaged one is left alone."""
+    cfg, model = tiny
+    checkpoint.save(tmp_path, tiny_state(10, cfg, model))
+    checkpoint.path_for(tmp_path, 20).write_bytes(b"truncated")
+    checkpoint.save(tmp_path, tiny_state(15, cfg, model), keep=1)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["ckpt_0000015.pt", "ckpt_0000020.pt"]
+    assert checkpoint.load(checkpoint.path_for(tmp_path, 15))["step"] == 15
+
+
+def test_newest_good_passes_over_damaged_and_nonfinite(tmp_path, tiny):
+    cfg, model = tiny
+    assert checkpoint.newest_good(tmp_path) is None
+    checkpoint.save(tmp_path, tiny_state(1, cfg, model))
+    nan_state = tiny_state(2, cfg, model)
+    nan_state["model"] = {k: torch.full_like(v, math.nan) for k, v in nan_state["model"].items()}
+    torch.save(nan_state, checkpoint.path_for(tmp_path, 2))  # as a version without the guard wrote them
+    good = checkpoint.path_for(tmp_path, 1).read_bytes()
+    checkpoint.path_for(tmp_path, 3).write_bytes(good[: len(good) // 2])
+    path, ckpt, passed_over = checkpoint.newest_good(tmp_path)
+    assert path.name == "ckpt_0000001.pt" and ckpt["step"] == 1
+    assert len(passed_over) == 2
+    assert passed_over[0].startswith(f"cannot read checkpoint {checkpoint.path_for(tmp_path, 3)}")
+    assert passed_over[1].startswith(f"checkpoint {checkpoint.path_for(tmp_path, 2)} holds non-finite values in "
+                                     "model.")
+    assert checkpoint.newest_config(tmp_path) == cfg.to_dict()  # from ckpt 2: readable, tensors unread
+    checkpoint.path_for(tmp_path, 1).write_bytes(b"")
+    with pytest.raises(TritonGPTError, match="no usable checkpoint") as exc:
+        checkpoint.newest_good(tmp_path)
+    assert all(f"ckpt_000000{i}.pt" in str(exc.value) for i in (1, 2, 3))
 
 
 def test_kill_9_mid_save_leaves_previous_checkpoint(tmp_path, tiny):

@@ -1,10 +1,16 @@
 """Training end to end on real shards of tinyshakespeare: the loss falls, resume is bitwise,
-SIGTERM saves, doc masks reach the model, and `sample` streams from the checkpoint.
+SIGTERM saves, doc masks reach the model, and `sample` streams from the checkpoint. The guard:
+poisoned steps and loss spikes are skipped, a diverging run stops with exit code 3 and only
+finite checkpoints, a damaged newest checkpoint is passed over on resume, a failed save is one
+clear error, and (on a GPU) the steps between log steps never sync with the host.
 
 Runs use the "torch" backends on the CPU in fp32 (the Triton interpreter is slow); one test takes
 a step with the Triton kernels.
 """
 
+import errno
+import io
+import itertools
 import json
 import math
 import os
@@ -22,6 +28,7 @@ from tritongpt.data.assets import find_asset
 from tritongpt.data.prepare import prepare
 from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
+from tritongpt.model.gpt import GPT
 from tritongpt.train import checkpoint, config, trainer
 from tritongpt.train.sample import stream_text
 
@@ -57,6 +64,52 @@ def run(flags: dict[str, str]) -> int:
     return trainer.train(trainer.configure(flags))
 
 
+def argv_of(flags: dict[str, str]) -> list[str]:
+    """The command-line form of `flags`."""
+    return [arg for key, value in flags.items() for arg in ("--" + key.replace("_", "-"), value)]
+
+
+def poison_losses(monkeypatch, factors: dict[tuple[int, int], float], grad_accum: int = 1,
+                  first_step: int = 0) -> None:
+    """Multiply the training loss of micro-batch `micro` of optimizer step `step` (1-based; the
+    first step after `first_step`, where a resumed run starts) by factors[(step, micro)]: nan
+    poisons the step, a finite factor makes a loss spike. Evaluation forwards are left alone."""
+    calls = itertools.count()
+    original = GPT.forward
+
+    def forward(self, idx, targets=None, doc_ids=None):
+        logits, loss = original(self, idx, targets, doc_ids=doc_ids)
+        if self.training and targets is not None:
+            call = next(calls)
+            factor = factors.get((first_step + call // grad_accum + 1, call % grad_accum))
+            if factor is not None:
+                loss = loss * factor
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def skips(out: Path) -> dict[int, dict]:
+    """The metrics records of the skipped steps, by step."""
+    return {r["step"]: r for r in metrics(out) if "skipped" in r}
+
+
+def assert_finite_and_loads(run_dir: Path) -> list[str]:
+    """Every checkpoint in `run_dir` loads and holds only finite values; their names."""
+    names = []
+    for path in checkpoint.checkpoints(run_dir):
+        ckpt = checkpoint.load(path)
+        assert checkpoint.nonfinite_tensors(ckpt) == [], path
+        assert checkpoint.model_from(ckpt, source=path) is not None
+        names.append(path.name)
+    return names
+
+
+def adam_steps(ckpt: dict) -> set[int]:
+    """The step counts of the optimizer's parameters: the updates actually applied."""
+    return {int(state["step"]) for state in ckpt["optimizer"]["state"].values()}
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     return prepare_tiny(tmp_path_factory.mktemp("tiny"))
@@ -79,7 +132,8 @@ def test_loss_falls_and_run_dir(trained):
     first = next(r for r in log if "loss" in r)
     assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "backends"}
     assert first["mfu"] is None  # no peak FLOPs for a CPU
-    assert first["backends"] == {"attention": "torch", "layer_norm": "torch", "mlp": "torch"}
+    assert first["backends"] == {"attention": "torch", "layer_norm": "torch", "mlp": "torch",
+                                 "linear_cross_entropy": "torch"}
     assert [r["step"] for r in log if "val_loss" in r] == [20, 25]
     assert (trained / "loss.png").stat().st_size > 1000
     saved = json.loads((trained / "config.json").read_text())
@@ -199,7 +253,8 @@ def test_one_step_with_triton_kernels(tiny_data, tmp_path):
     assert run(tiny_flags(tiny_data, out, max_steps=1, batch_size=2, block_size=16, eval_steps=1,
                           backend="triton")) == 0
     (record,) = [r for r in metrics(out) if "loss" in r]
-    assert record["backends"] == {"attention": "triton", "layer_norm": "triton", "mlp": "triton"}
+    assert record["backends"] == {"attention": "triton", "layer_norm": "triton", "mlp": "triton",
+                                  "linear_cross_entropy": "triton"}
     assert 10.0 < record["loss"] < 11.5
 
 
@@ -252,3 +307,273 @@ def test_cuda_mixed_precision_steps(tiny_data, tmp_path, dtype, compile):
     if trainer.peak_flops(torch.device("cuda"), dtype) is not None:
         assert 0 < records[-1]["mfu"] < 1
     assert ("scale" in checkpoint.load(out)["scaler"]) == (dtype == "fp16")  # the scaler's state when it is on
+
+
+# --- the guard ------------------------------------------------------------------------------
+
+
+def reference_guard(steps: list[tuple[float, float]], max_skipped: int, spike_z: float, window: int) -> list[tuple]:
+    """(flags, streak, loss_z) per step, computed in float64 Python from the definition."""
+    seen: list[float] = []
+    streak, out = 0, []
+    for loss, grad_norm in steps:
+        flags = (not math.isfinite(loss)) * trainer.LOSS_NONFINITE + (not math.isfinite(grad_norm)) * \
+            trainer.GRAD_NONFINITE + (streak >= max_skipped) * trainer.HALTED
+        z = math.nan
+        if len(seen) >= window:
+            last = seen[-window:]
+            mean = math.fsum(last) / window
+            z = (loss - mean) / math.sqrt(math.fsum((x - mean) ** 2 for x in last) / window)
+            flags |= trainer.LOSS_SPIKE if math.isfinite(loss) and z > spike_z else 0
+        if math.isfinite(loss):
+            seen.append(loss)
+        streak = streak + 1 if flags else 0
+        out.append((flags, streak, z))
+    return out
+
+
+def test_guard_decisions_match_reference():
+    """Non-finite loss or grad norm, spikes above a running window, streaks, the latch after
+    max_skipped in a row, and a state_dict round trip that continues identically."""
+    gen = torch.Generator().manual_seed(7)
+    losses = (5.0 + 0.1 * torch.randn(40, generator=gen)).tolist()  # float32 values, as the trainer's
+    grad_norms = (1.0 + torch.rand(40, generator=gen)).tolist()
+    losses[6], losses[9], losses[13] = math.nan, math.inf, 9.0  # nan, inf, and a spike
+    grad_norms[9], grad_norms[20] = math.nan, math.inf  # inf loss with nan grads; a finite loss with inf grads
+    losses[30:34] = [math.nan] * 4  # 4 in a row: halted after 3, and stays halted
+    steps = list(zip(losses, grad_norms))
+    expected = reference_guard(steps, max_skipped=3, spike_z=3.0, window=5)
+
+    guard = trainer.UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
+    skipped, records = [], []
+    for i, (loss, grad_norm) in enumerate(steps[:25]):
+        skipped.append(bool(guard.check(i + 1, torch.tensor(loss, dtype=torch.float32),
+                                        torch.tensor(grad_norm, dtype=torch.float32))))
+        if i == 11:
+            records += guard.drain()
+    records += guard.drain()
+    resumed = trainer.UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
+    resumed.load_state_dict(torch.load(_round_trip(guard.state_dict()), weights_only=True))
+    for i, (loss, grad_norm) in enumerate(steps[25:], start=25):
+        skipped.append(bool(resumed.check(i + 1, torch.tensor(loss, dtype=torch.float32),
+                                          torch.tensor(grad_norm, dtype=torch.float32))))
+    records += resumed.drain()
+
+    assert [r.step for r in records] == list(range(1, 41))
+    for record, (flags, streak, z), skip in zip(records, expected, skipped):
+        assert (record.flags, record.streak) == (flags, streak), record
+        assert skip == (flags != 0)
+        assert record.loss_z == z or (math.isnan(z) and math.isnan(record.loss_z)) or \
+            abs(record.loss_z - z) <= 1e-12 * abs(z), record
+    by_step = {r.step: r for r in records}
+    assert by_step[7].skipped == by_step[10].skipped == by_step[21].skipped == "nonfinite"
+    assert by_step[14].skipped == "spike" and by_step[14].loss_z > 3
+    assert by_step[33].streak == 3 and by_step[34].flags == trainer.LOSS_NONFINITE | trainer.HALTED
+    assert by_step[35].flags == trainer.HALTED and by_step[35].skipped is None  # the latch holds
+    assert [r.step for r in records if r.skipped] == [7, 10, 14, 21, 31, 32, 33, 34]
+    assert by_step[7].reason() == "loss nan" and by_step[10].reason() == "loss inf, grad norm nan"
+    assert by_step[21].reason().startswith("grad norm inf (loss 5.")
+
+
+def _round_trip(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_unless_leaves_a_skipped_step_untouched(fused):
+    """A skipped step leaves params and AdamW state (step count too) bitwise as they were; an
+    applied one equals a plain step. fused: decided on the device (found_inf), as on CUDA."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.1, fused=fused)
+    plain = torch.optim.AdamW(twins, lr=0.1, weight_decay=0.1, fused=fused)
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, twin, g in zip(params, twins, grads):
+            p.grad, twin.grad = g.clone(), g.clone()
+        before = [p.detach().clone() for p in params]
+        state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        skip = step == 2
+        trainer.step_unless(opt, torch.tensor(skip))
+        if skip:
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+            assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state_before.items())
+        else:
+            plain.step()
+            assert all(torch.equal(p, twin) for p, twin in zip(params, twins))
+            assert not any(torch.equal(p, b) for p, b in zip(params, before))
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    assert int(opt.state[params[0]]["step"]) == 3
+
+
+def test_poisoned_step_is_skipped(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    poison_losses(monkeypatch, {(3, 1): math.nan}, grad_accum=2)
+    assert run(tiny_flags(tiny_data, out, grad_accum=2)) == 0
+    assert capsys.readouterr().out.count("update skipped") == 1
+    record = skips(out)[3]
+    assert record["skipped"] == "nonfinite" and record["loss"] is None and record["grad_norm"] is None
+    assert list(skips(out)) == [3]
+    losses = [r["loss"] for r in metrics(out) if "loss" in r and "skipped" not in r]
+    assert len(losses) == 7 and all(math.isfinite(loss) for loss in losses)
+    ckpt = checkpoint.load(out)
+    assert checkpoint.nonfinite_tensors(ckpt) == []
+    assert adam_steps(ckpt) == {7}  # 8 steps, one update skipped
+    assert ckpt["guard"]["streak"] == 0
+
+
+def test_divergence_stops_with_only_good_checkpoints(tiny_data, tmp_path, capsys):
+    """The issue's run: a learning rate that diverges (loss nan by step 4), checkpoints every 2
+    steps, keep 2. The run stops non-zero naming the step, what went non-finite and the newest
+    good checkpoint, and every checkpoint left is finite and loads."""
+    out = tmp_path / "out"
+    flags = tiny_flags(tiny_data, out, lr=1e4, warmup_steps=2, grad_clip=0, max_steps=40, ckpt_interval=2,
+                       keep_ckpts=2, log_interval=5, max_skipped_steps=3)
+    assert main(["train", *argv_of(flags)]) == trainer.DIVERGED_EXIT
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("stopped")]
+    skipped = sorted(skips(out))
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    assert all(r["skipped"] == "nonfinite" and r["loss"] is None for r in skips(out).values())
+    newest = checkpoint.latest(out)
+    assert line == (f"stopped at step {skipped[-1]}: 3 updates in a row skipped (steps {skipped[0]}-{skipped[-1]}; "
+                    f"last: loss nan, grad norm nan); newest good checkpoint: {newest}")
+    assert checkpoint.step_of(newest) < skipped[-1]
+    assert len(assert_finite_and_loads(out)) == 2
+    assert max(r["step"] for r in metrics(out)) == skipped[-1]  # nothing trained or logged after the stop
+
+
+def test_skip_spikes_skips_an_injected_spike(tiny_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    poison_losses(monkeypatch, {(9, 0): 1.5})
+    assert run(tiny_flags(tiny_data, out, max_steps=12, skip_spikes=3, spike_window=4)) == 0
+    assert list(skips(out)) == [9]
+    record = skips(out)[9]
+    assert record["skipped"] == "spike" and record["loss_z"] > 3 and record["loss"] > 14
+    assert "step 9: update skipped, loss " in capsys.readouterr().out
+    ckpt = checkpoint.load(out)
+    assert adam_steps(ckpt) == {11}
+    assert ckpt["guard"]["seen"] == 12  # every finite loss joined the window, the spike's too
+
+
+def test_skip_streak_survives_resume_bitwise(tiny_data, tmp_path, monkeypatch):
+    """A checkpoint written mid-streak resumes with its skip counter: steps 4-6 poisoned with at
+    most 3 skipped in a row stop both the straight run and the run resumed from step 4 at step 6."""
+    common = dict(decay_steps=8, max_skipped_steps=3, skip_spikes=3, spike_window=2)
+    full, half = tmp_path / "full", tmp_path / "half"
+    with monkeypatch.context() as patch:
+        poison_losses(patch, {(4, 0): math.nan, (5, 0): math.nan, (6, 0): math.nan})
+        assert run(tiny_flags(tiny_data, full, max_steps=8, **common)) == trainer.DIVERGED_EXIT
+    with monkeypatch.context() as patch:
+        poison_losses(patch, {(4, 0): math.nan})
+        assert run(tiny_flags(tiny_data, half, max_steps=4, **common)) == 0
+    assert checkpoint.load(half)["guard"]["streak"] == 1
+    with monkeypatch.context() as patch:
+        poison_losses(patch, {(5, 0): math.nan, (6, 0): math.nan}, first_step=4)
+        assert run({"out": str(half), "resume": "true", "max_steps": "8"}) == trainer.DIVERGED_EXIT
+
+    def log(out):
+        return [(r["step"], r["loss"], r["grad_norm"], r.get("skipped")) for r in metrics(out) if "loss" in r]
+
+    assert log(half) == log(full)
+    assert [step for step, *_, skipped in log(full) if skipped] == [4, 5, 6]
+
+
+def test_damaged_newest_checkpoint_resumes_from_previous(tiny_data, tmp_path, capsys):
+    """A truncated newest checkpoint is passed over with a warning naming it; the run resumes
+    from the one before, bitwise as if never stopped."""
+    full, damaged_run = tmp_path / "full", tmp_path / "damaged"
+    assert run(tiny_flags(tiny_data, full, max_steps=4)) == 0
+    assert run(tiny_flags(tiny_data, damaged_run, max_steps=4, ckpt_interval=2)) == 0
+    damaged = checkpoint.path_for(damaged_run, 4)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    capsys.readouterr()
+    assert run({"out": str(damaged_run), "resume": "true"}) == 0  # steps 3 and 4 again
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert str(damaged) in warning and warning.endswith("resuming from ckpt_0000002.pt")
+    assert train_log(damaged_run) == train_log(full)
+    assert assert_finite_and_loads(damaged_run) == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+
+
+def test_no_loadable_checkpoint_is_one_error(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in (2, 4):
+        checkpoint.path_for(out, step).write_bytes(b"not a checkpoint")
+    with pytest.raises(TritonGPTError, match="no usable checkpoint") as exc:
+        trainer.configure({"out": str(out), "resume": "true"})
+    assert "ckpt_0000002.pt" in str(exc.value) and "ckpt_0000004.pt" in str(exc.value)
+
+
+def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    """Disk full on the second checkpoint: one line naming the file and the newest good
+    checkpoint, exit 2, no temp file, the first checkpoint intact."""
+    out = tmp_path / "out"
+    real_save, saves = torch.save, itertools.count(1)
+
+    def save(obj, fh):
+        if next(saves) == 2:
+            fh.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, fh)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", *argv_of(tiny_flags(tiny_data, out, max_steps=6, ckpt_interval=2))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tritongpt train: error: cannot write checkpoint {checkpoint.path_for(out, 4)}: No space left on "
+                   f"device; the checkpoints already in {out} are intact; newest good checkpoint: "
+                   f"{checkpoint.path_for(out, 2)}")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert assert_finite_and_loads(out) == ["ckpt_0000002.pt"]
+
+
+def test_rotation_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """The weights turn non-finite after step 3 (keep 1 checkpoint): the step-4 checkpoint is not
+    written, so the step-2 one, the last good state, is not rotated out."""
+    out = tmp_path / "out"
+    real_step_unless, steps = trainer.step_unless, itertools.count(1)
+
+    def step_unless(optimizer, skip):
+        real_step_unless(optimizer, skip)
+        if next(steps) == 3:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0][0, 0] = math.inf
+
+    monkeypatch.setattr(trainer, "step_unless", step_unless)
+    with pytest.raises(TritonGPTError, match="not writing checkpoint .*ckpt_0000004.pt: non-finite values in "
+                                             "model.transformer.wte.weight") as exc:
+        run(tiny_flags(tiny_data, out, max_steps=6, ckpt_interval=2, keep_ckpts=1))
+    assert str(exc.value).endswith(f"newest good checkpoint: {checkpoint.path_for(out, 2)}")
+    assert assert_finite_and_loads(out) == ["ckpt_0000002.pt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_steps_between_log_steps_do_not_sync(tiny_data, tmp_path, monkeypatch, dtype):
+    """Every step after the first log step runs under torch.cuda.set_sync_debug_mode("error"): the
+    guard (a poisoned step and a spike window included) decides and skips on the device."""
+    guarded = []
+    real_advance = trainer.Trainer._advance
+
+    def advance(self):
+        if self.step < 4:  # until the first log step: lazy initialisation may sync
+            return real_advance(self)
+        guarded.append(self.step + 1)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_advance(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(trainer.Trainer, "_advance", advance)
+    poison_losses(monkeypatch, {(6, 0): math.nan})
+    out = tmp_path / "out"
+    assert run(tiny_flags(tiny_data, out, max_steps=12, log_interval=4, device="cuda", dtype=dtype,
+                          skip_spikes=3, spike_window=2)) == 0
+    assert guarded == list(range(5, 13))
+    assert skips(out)[6]["skipped"] == "nonfinite"
+    assert checkpoint.nonfinite_tensors(checkpoint.load(out)) == []

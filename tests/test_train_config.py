@@ -85,6 +85,26 @@ def test_range_and_model_errors():
         config.resolve({"preset": "gpt5"})
 
 
+@pytest.mark.parametrize("flags,message", [
+    ({"max_skipped_steps": "0"}, "max_skipped_steps must be >= 1"),
+    ({"skip_spikes": "0"}, "skip_spikes must be > 0"),
+    ({"skip_spikes": "-3"}, "skip_spikes must be > 0"),
+    ({"skip_spikes": "nan"}, "skip_spikes must be > 0"),
+    ({"spike_window": "1"}, "spike_window must be >= 2"),
+])
+def test_guard_settings_are_checked(flags, message):
+    with pytest.raises(TritonGPTError, match=message):
+        config.resolve(flags)
+
+
+def test_guard_settings():
+    cfg = config.resolve({})
+    assert (cfg.max_skipped_steps, cfg.skip_spikes, cfg.spike_window) == (5, None, 128)  # spikes: opt-in
+    cfg = config.resolve({"max_skipped_steps": "2", "skip_spikes": "5.5", "spike_window": "16"})
+    assert (cfg.max_skipped_steps, cfg.skip_spikes, cfg.spike_window) == (2, 5.5, 16)
+    assert config.resolve({"skip_spikes": "none"}).skip_spikes is None
+
+
 def test_value_syntax():
     cfg = config.resolve({"compile": "true", "bias": "false", "window": "none", "n_kv_head": "2",
                           "attention": "torch", "dtype": "fp32"})

@@ -11,8 +11,13 @@ Checkpoints written before config was one dict (train_config + model_config + ba
 op `layer_norm` spelled `norm`) still load: `config_of` converts them.
 It is written to a temporary name in the same directory, fsynced, then renamed over the final
 name (and the directory fsynced), so a crash or kill -9 mid-save leaves the previous checkpoints
-intact and never a truncated `ckpt_*.pt`. Everything in it is tensors and plain Python values,
-so it loads with `torch.load(weights_only=True)`.
+intact and never a truncated `ckpt_*.pt`; a failed write (disk full, no permission) is one
+TritonGPTError naming the file, with no temp file left. Everything in it is tensors and plain
+Python values, so it loads with `torch.load(weights_only=True)`.
+
+A state holding a NaN or an infinity is never written, and pruning keeps the checkpoint just
+written (so the newest good state is never deleted). `newest_good` finds the checkpoint to resume
+from: the newest one that loads and is finite, naming each newer one passed over.
 """
 
 from __future__ import annotations
@@ -51,16 +56,101 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def save(run_dir: str | Path, state: dict[str, Any], keep: int | None = None) -> Path:
-    """Write `state` (which holds "step") as the checkpoint of its step; keep the newest `keep`."""
+    """Write `state` (which holds "step") as the checkpoint of its step, then keep the newest
+    `keep` checkpoints up to it. A state with a non-finite tensor, or a write that fails, is a
+    TritonGPTError naming the file; the checkpoints already there are untouched."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = path_for(run_dir, state["step"])
-    atomic_write(final, lambda fh: torch.save(state, fh))
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise TritonGPTError(f"not writing checkpoint {final}: non-finite values in {_names(bad)}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(final, lambda fh: torch.save(state, fh))
+    except OSError as exc:
+        raise TritonGPTError(f"cannot write checkpoint {final}: {exc.strerror or exc}; the checkpoints already "
+                             f"in {run_dir} are intact") from exc
     if keep is not None:
-        for old in checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+        prune(run_dir, final, keep)
     return final
+
+
+def prune(run_dir: Path, newest: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints up to `newest`, the one just written (finite
+    and complete, so never deleted). Later steps are left alone: they belong to a run that was
+    resumed from before them (they failed to load, or are overwritten as the run gets there)."""
+    up_to = [p for p in checkpoints(run_dir) if step_of(p) <= step_of(newest)]
+    for old in up_to[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Where (dotted keys) the floating-point tensors of a nested state hold a NaN or an infinity."""
+    found: list[tuple[str, torch.Tensor]] = []
+    _float_tensors(state, prefix, found)
+    finite: dict[torch.device, list[bool]] = {}
+    for device in {t.device for _, t in found}:  # one device-to-host read per device
+        finite[device] = torch.stack([torch.isfinite(t).all() for _, t in found if t.device == device]).tolist()
+    flags = {device: iter(values) for device, values in finite.items()}
+    return [name for name, t in found if not next(flags[t.device])]
+
+
+def _float_tensors(value: Any, name: str, found: list[tuple[str, torch.Tensor]]) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            found.append((name, value))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _float_tensors(item, f"{name}.{key}" if name else str(key), found)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _float_tensors(item, f"{name}.{i}" if name else str(i), found)
+
+
+def _names(names: list[str], at_most: int = 3) -> str:
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
+
+
+def newest_good(run_dir: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """(path, checkpoint dict, passed_over) of the newest checkpoint in `run_dir` that loads and
+    holds only finite values; `passed_over` says, newest first, why each newer one was not used.
+    None when `run_dir` has no checkpoint; a TritonGPTError naming every file when none is good."""
+    passed_over = []
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            ckpt = load(path, device)
+        except TritonGPTError as exc:
+            passed_over.append(str(exc))
+            continue
+        bad = nonfinite_tensors(ckpt)
+        if bad:
+            passed_over.append(f"checkpoint {path} holds non-finite values in {_names(bad)}")
+            continue
+        return path, ckpt, passed_over
+    if passed_over:
+        raise TritonGPTError(f"no usable checkpoint in {run_dir}: " + "; ".join(passed_over))
+    return None
+
+
+def newest_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The flat config of the newest checkpoint in `run_dir` that can be read (cheap: tensors are
+    mmapped, not read), None when there is no checkpoint; a TritonGPTError when none reads."""
+    problems = []
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return read_config(path)
+        except TritonGPTError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise TritonGPTError(f"no usable checkpoint in {run_dir}: " + "; ".join(problems))
+    return None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:

@@ -65,7 +65,15 @@ class TrainConfig:
     sample_tokens: int = _f(128, "tokens of the sample printed at each evaluation and at the end (0: none)")
     log_interval: int = _f(10, "log loss, lr, tokens/s, MFU every this many steps")
     ckpt_interval: int = _f(500, "checkpoint every this many steps (and at the end)")
-    keep_ckpts: int = _f(3, "keep the newest this many checkpoints")
+    keep_ckpts: int = _f(3, "keep the newest this many checkpoints; the one just written, the newest good "
+                            "state, is never deleted")
+    # the guard: an update whose loss or gradient norm is not finite (or, with skip_spikes, whose loss spikes)
+    # is skipped; too many in a row stop the run
+    max_skipped_steps: int = _f(5, "stop the run (exit code 3) after this many updates in a row were skipped "
+                                   "for a non-finite loss or gradient norm or a loss spike")
+    skip_spikes: float | None = _f(None, "skip an update whose loss is more than this many standard deviations "
+                                         "above the mean of the last --spike-window losses (e.g. 5; default: off)")
+    spike_window: int = _f(128, "losses in the running window of --skip-spikes")
     # runtime
     seed: int = _f(1337, "seed for weights, data order, dropout")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU)")
@@ -290,7 +298,7 @@ def _preset_keys() -> set[str]:
 def validate(cfg: TrainConfig) -> None:
     """Range checks on the run settings (GPTConfig checks its own)."""
     positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval",
-                "ckpt_interval", "keep_ckpts"]
+                "ckpt_interval", "keep_ckpts", "max_skipped_steps"]
     for key in positive:
         if getattr(cfg, key) < 1:
             raise TritonGPTError(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -300,6 +308,10 @@ def validate(cfg: TrainConfig) -> None:
             raise TritonGPTError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.decay_steps is not None and cfg.decay_steps < 1:
         raise TritonGPTError(f"decay_steps must be >= 1, got {cfg.decay_steps}")
+    if cfg.skip_spikes is not None and not cfg.skip_spikes > 0:
+        raise TritonGPTError(f"skip_spikes must be > 0 (or none: off), got {cfg.skip_spikes}")
+    if cfg.spike_window < 2:
+        raise TritonGPTError(f"spike_window must be >= 2, got {cfg.spike_window}")
     if not cfg.lr > 0:
         raise TritonGPTError(f"lr must be > 0, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:

@@ -12,10 +12,20 @@ Under torchrun the model is wrapped in DistributedDataParallel and each rank rea
 of every batch (the loader's rank/world_size); rank 0 prints and writes OUT. SIGINT/SIGTERM
 finish the current step, save a checkpoint and exit (a second signal acts as usual).
 
+The guard (UpdateGuard): an update whose loss or gradient norm is not finite, or with
+--skip-spikes whose loss spikes, is not applied. The decision is made on the device from values
+all-reduced over the ranks (identical everywhere, so replicas never drift apart) and the step is
+skipped there too (fused AdamW's found_inf, as the GradScaler does), so a step adds no host sync;
+the host reads the guard's records at log and checkpoint steps. fp16 overflow skips stay the
+GradScaler's and are not counted. After --max-skipped-steps skipped in a row the run stops with
+one line and exit code 3 (DIVERGED_EXIT); no checkpoint ever holds a non-finite value.
+
 OUT/metrics.jsonl gets one JSON object per log step (step, loss, lr, grad_norm, tokens_per_s,
-mfu, tokens, backends) and per evaluation (step, val_loss). MFU is model FLOPs per second per GPU
-over the GPU's dense tensor-core peak for the autocast dtype (PEAK_FLOPS); it is null on the CPU
-and on GPUs missing from the table.
+mfu, tokens, backends; `skipped` when that step's update was), per other skipped step (step,
+skipped: "nonfinite" or "spike", loss, grad_norm, loss_z) and per evaluation (step, val_loss);
+a non-finite value is written as null. MFU is model FLOPs per second per GPU over the GPU's dense
+tensor-core peak for the autocast dtype (PEAK_FLOPS); it is null on the CPU and on GPUs missing
+from the table.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +64,12 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
 ]
+
+
+DIVERGED_EXIT = 3  # exit code of a run stopped by --max-skipped-steps
+
+# Why a step's update was skipped: the bits of StepRecord.flags.
+LOSS_NONFINITE, GRAD_NONFINITE, LOSS_SPIKE, HALTED = 1, 2, 4, 8
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
@@ -99,10 +116,10 @@ def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None 
     from tritongpt.train import config
 
     out = config.peek("out", flags, toml_path)
-    newest = checkpoint.latest(out) if config.peek("resume", flags, toml_path) else None
-    if newest is None:
+    saved = checkpoint.newest_config(out) if config.peek("resume", flags, toml_path) else None
+    if saved is None:
         return config.resolve(flags, toml_path, env=env)
-    resumed = config.resolve(flags, toml_path, base=checkpoint.read_config(newest), env=env)
+    resumed = config.resolve(flags, toml_path, base=saved, env=env)
     return dataclasses.replace(resumed, out=out)  # where the checkpoint was found, even if the run directory moved
 
 
@@ -144,8 +161,107 @@ def default_data(d: distributed.Dist) -> Path:
     return out_dir
 
 
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What the guard saw at one optimizer step (read back from the device by UpdateGuard.drain)."""
+    step: int
+    loss: float  # mean over the ranks
+    grad_norm: float  # before clipping
+    flags: int  # LOSS_NONFINITE | GRAD_NONFINITE | LOSS_SPIKE | HALTED; 0: the update was applied
+    streak: int  # updates skipped in a row, this one included
+    loss_z: float  # standard deviations above the spike window's mean (nan while the window fills)
+
+    @property
+    def skipped(self) -> str | None:
+        """None when the update was applied, else "nonfinite" or "spike"."""
+        if self.flags & (LOSS_NONFINITE | GRAD_NONFINITE):
+            return "nonfinite"
+        return "spike" if self.flags & LOSS_SPIKE else None
+
+    def reason(self) -> str:
+        """Why the update was skipped, e.g. "loss nan, grad norm nan" or "grad norm inf (loss 3.2100)"."""
+        if self.skipped == "spike":
+            return f"loss {self.loss:.4f} is {self.loss_z:.1f} std above the running mean"
+        if not self.flags & LOSS_NONFINITE:
+            return f"grad norm {self.grad_norm} (loss {self.loss:.4f})"
+        return f"loss {self.loss}" + (f", grad norm {self.grad_norm}" if self.flags & GRAD_NONFINITE else "")
+
+
+class UpdateGuard:
+    """Decides on the device, with no host sync, whether each optimizer step's update is applied.
+
+    Not when the loss or (with `count_grad`) the gradient norm is not finite; not when, with
+    `spike_z`, the loss is more than spike_z standard deviations above the mean of the last
+    `window` finite losses (llm.c's outlier detector: every finite loss joins the window, so it
+    follows a real change of level); and, as a latch, never again once `max_skipped` were skipped
+    in a row (the host stops the run when it reads that). Each step's values stay on the device
+    until `drain` reads them in one transfer. Its inputs must be identical on every rank."""
+
+    def __init__(self, device: torch.device, max_skipped: int, spike_z: float | None, window: int,
+                 count_grad: bool = True) -> None:
+        self.max_skipped, self.spike_z, self.count_grad = max_skipped, spike_z, count_grad
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.window = torch.zeros(window, dtype=torch.float64, device=device)  # the last finite losses, oldest first
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)  # finite losses pushed into the window
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, row) not yet drained
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A bool device tensor: skip this step's update. Records the step for `drain`."""
+        loss, grad_norm = loss.double(), grad_norm.double()
+        loss_bad = ~torch.isfinite(loss)
+        flags = loss_bad * LOSS_NONFINITE + (self.streak >= self.max_skipped) * HALTED
+        if self.count_grad:
+            flags = flags + ~torch.isfinite(grad_norm) * GRAD_NONFINITE
+        loss_z = torch.full_like(loss, math.nan)
+        if self.spike_z is not None:
+            full = self.seen >= self.window.numel()
+            loss_z = torch.where(full, (loss - self.window.mean()) / self.window.std(correction=0), math.nan)
+            flags = flags + (~loss_bad & (loss_z > self.spike_z)) * LOSS_SPIKE
+            self.window = torch.where(loss_bad, self.window, torch.cat([self.window[1:], loss.view(1)]))
+            self.seen = self.seen + ~loss_bad
+        skip = flags != 0
+        self.streak = torch.where(skip, self.streak + 1, 0)
+        self.pending.append((step, torch.stack([loss, grad_norm, flags.double(), self.streak.double(), loss_z])))
+        return skip
+
+    def drain(self) -> list[StepRecord]:
+        """The records of the steps checked since the last drain, oldest first (one device read)."""
+        if not self.pending:
+            return []
+        rows = torch.stack([row for _, row in self.pending]).tolist()
+        records = [StepRecord(step, loss, grad_norm, int(flags), int(streak), loss_z)
+                   for (step, _), (loss, grad_norm, flags, streak, loss_z) in zip(self.pending, rows)]
+        self.pending = []
+        return records
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        assert not self.pending, "drain the guard before saving it"
+        return {"streak": self.streak, "window": self.window, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.streak.copy_(state["streak"])
+        if state["window"].shape == self.window.shape:  # else --spike-window changed: the window fills afresh
+            self.window.copy_(state["window"])
+            self.seen.copy_(state["seen"])
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """optimizer.step() unless `skip` (a bool tensor). Optimizers that take the GradScaler's
+    found_inf (fused AdamW, the trainer's on CUDA) decide on the device, with no host sync, and
+    leave params and state (its step count too) untouched; the others decide on the host."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf, optimizer.grad_scale = skip.float(), None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not skip.item():
+        optimizer.step()
+
+
 def train(cfg: TrainConfig) -> int:
-    """Run training as configured; returns the exit code (0, or 128 + signal after a signal)."""
+    """Run training as configured; returns the exit code (0; 128 + signal after a signal;
+    DIVERGED_EXIT after --max-skipped-steps updates in a row were skipped)."""
     d = distributed.setup(cfg.device)
     try:
         return Trainer(cfg, d).fit()
@@ -169,7 +285,8 @@ class Trainer:
             torch.set_float32_matmul_precision("high")
 
         # the config records the backend names each op resolved to; a bad one fails before any write
-        model_config = resolve_backends(cfg.model, self.device)
+        model_config = resolve_backends(cfg.model, self.device, batch=cfg.batch_size, dtype=DTYPES[self.dtype],
+                                        log=print if d.is_main else lambda line: None)
         data = str(Path(cfg.data).resolve() if cfg.data else default_data(d).resolve())
         self.cfg = cfg = dataclasses.replace(cfg, data=data, model=model_config)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -192,9 +309,13 @@ class Trainer:
         self.optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                         self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
+        # fp16 gradients that overflow are the GradScaler's to skip, not a sign of divergence
+        self.guard = UpdateGuard(self.device, cfg.max_skipped_steps, cfg.skip_spikes, cfg.spike_window,
+                                 count_grad=not self.scaler.is_enabled())
         self.step = 0
+        self.newest_ckpt: Path | None = None  # the newest checkpoint known to be good
         if newest is not None:
-            self._restore(checkpoint.load(newest, "cpu"), newest)
+            self._resume()
         else:
             torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
 
@@ -228,10 +349,19 @@ class Trainer:
                 print(f"--resume: no checkpoint in {self.out} yet, so starting at step 0")
         previous = self._install_signal_handlers()
         try:
-            self._loop()
+            halted = self._loop()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        if halted is not None:
+            if d.is_main:
+                self.progress.close()
+                plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+                first = halted.step - halted.streak + 1
+                print(f"stopped at step {halted.step}: {halted.streak} updates in a row skipped (steps {first}-"
+                      f"{halted.step}; last: {halted.reason()}); newest good checkpoint: "
+                      f"{self.newest_ckpt or 'none written'}", file=sys.stderr, flush=True)
+            return DIVERGED_EXIT
         if self.stop_signal is not None:
             if d.is_main:
                 self.progress.write(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
@@ -242,43 +372,58 @@ class Trainer:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         return 0
 
-    def _loop(self) -> None:
+    def _loop(self) -> StepRecord | None:
+        """Train to max_steps or a signal; the record of the step that stopped the run when
+        max_skipped_steps updates in a row were skipped."""
         cfg = self.cfg
         tokens_per_step = cfg.tokens_per_step * self.d.world_size
         timer, steps_timed = time.perf_counter(), 0
         while self.step < cfg.max_steps:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm = self._train_step()
-            self.step += 1
+            lr = self._advance()
             steps_timed += 1
             stop = distributed.any_rank(self.d, self.stop_signal is not None)
             if stop and self.stop_signal is None:
                 self.stop_signal = signal.SIGTERM  # another rank was signalled
             last = self.step == cfg.max_steps
-            if self.step % cfg.log_interval == 0 or last or stop:
-                loss = distributed.mean(self.d, loss).item()
+            log = self.step % cfg.log_interval == 0 or last or stop
+            save = self.step % cfg.ckpt_interval == 0 or last or stop
+            if log or save:  # the guard's records are read here only: no host sync in the steps between
+                records = self.guard.drain()
+                halted = self._report_skips(records, logged=self.step if log else None)
+                if halted is not None:
+                    return halted
+            if log:
                 elapsed = time.perf_counter() - timer
                 tokens_per_s = tokens_per_step * steps_timed / elapsed
                 per_gpu_flops = tokens_per_s / self.d.world_size * self.flops_per_token
-                self._log(dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm.item(),
-                               tokens_per_s=tokens_per_s, mfu=per_gpu_flops / self.peak if self.peak else None,
-                               tokens=self.step * tokens_per_step, backends=self.backends))
+                self._log(records[-1], lr=lr, tokens_per_s=tokens_per_s,
+                          mfu=per_gpu_flops / self.peak if self.peak else None, tokens=self.step * tokens_per_step)
                 timer, steps_timed = time.perf_counter(), 0
             else:
                 self.progress.update(self.step)
             if self.step % cfg.eval_interval == 0 or last:
                 self._evaluate(final=last)
                 timer, steps_timed = time.perf_counter(), 0
-            if self.step % cfg.ckpt_interval == 0 or last or stop:
+            if save:
                 self._save()
                 timer, steps_timed = time.perf_counter(), 0
             if stop:
-                return
+                return None
+        return None
 
-    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches; (mean loss, grad norm before clipping)."""
+    def _advance(self) -> float:
+        """One optimizer step at the scheduled learning rate (returned); reads nothing back from
+        the device."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._train_step()
+        self.step += 1
+        return lr
+
+    def _train_step(self) -> None:
+        """One optimizer step over grad_accum micro-batches, its update applied unless the guard
+        (or, for fp16, the GradScaler) skips it."""
         cfg = self.cfg
         loss_sum = torch.zeros((), device=self.device)
         xs, ys = self._batch(self.loader)
@@ -295,10 +440,15 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
+        # the loss differs per rank and the gradients are all-reduced already: average both, so the
+        # guard sees the same values on every rank (and the grad norm of a world of one unchanged)
+        loss, grad_norm = distributed.mean(self.d, torch.stack([loss_sum / cfg.grad_accum, grad_norm.float()]))
+        skip = self.guard.check(self.step + 1, loss, grad_norm)
+        if self.scaler.is_enabled():  # unscale_ found the same overflow; its update() backs off the scale
+            skip = skip | ~torch.isfinite(grad_norm)
+        step_unless(self.optimizer, skip)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / cfg.grad_accum, grad_norm
 
     def _batch(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = loader.next_batch()
@@ -353,19 +503,42 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
 
     def _save(self) -> None:
+        """Rank 0 writes the checkpoint; a failure (non-finite state, disk full, no permission)
+        stops every rank with one error naming the file and the newest good checkpoint."""
         rngs = distributed.gather(self.d, checkpoint.rng_state())
         loaders = distributed.gather(self.d, self.loader.state_dict())
+        error: TritonGPTError | None = None
         if self.d.is_main:
             state = dict(step=self.step, model=self.model.state_dict(), config=self.cfg.to_dict(),
                          optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rngs,
-                         loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size)
-            checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
-        distributed.barrier(self.d)
+                         loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size,
+                         guard=self.guard.state_dict())
+            try:
+                checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
+            except TritonGPTError as exc:
+                error = exc
+        if distributed.any_rank(self.d, error is not None):  # also the barrier after the save
+            newest = f"newest good checkpoint: {self.newest_ckpt or 'none written'}"
+            raise TritonGPTError(f"{error}; {newest}" if error else
+                                 f"rank 0 could not write the checkpoint of step {self.step}; {newest}") from error
+        self.newest_ckpt = checkpoint.path_for(self.out, self.step)
+
+    def _resume(self) -> None:
+        """Restore the newest checkpoint in OUT that loads and is finite, warning about each newer
+        one passed over."""
+        path, ckpt, passed_over = checkpoint.newest_good(self.out, "cpu")
+        if self.d.is_main:
+            for problem in passed_over:
+                print(f"warning: passing over {problem}; resuming from {path.name}", file=sys.stderr, flush=True)
+        self._restore(ckpt, path)
+        self.newest_ckpt = path
 
     def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
         checkpoint.load_weights(self.model, ckpt["model"], source)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        if "guard" in ckpt:  # checkpoints from before the guard start it afresh
+            self.guard.load_state_dict(ckpt["guard"])
         self.step = ckpt["step"]
         self.loader.load_state_dict(ckpt["loader"][0])  # the loader state is the same on every rank
         if ckpt["world_size"] == self.d.world_size:
@@ -393,14 +566,36 @@ class Trainer:
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _report_skips(self, records: list[StepRecord], logged: int | None) -> StepRecord | None:
+        """Write each skipped step to metrics.jsonl (but step `logged`, whose log record says so)
+        and the screen; the record at which max_skipped_steps were skipped in a row, if any."""
+        for record in records:
+            if record.skipped is None:
+                continue
+            halting = record.streak >= self.cfg.max_skipped_steps
+            if self.d.is_main:
+                if record.step != logged or halting:
+                    self._write_metrics(dict(step=record.step, skipped=record.skipped, loss=_finite(record.loss),
+                                             grad_norm=_finite(record.grad_norm), loss_z=_finite(record.loss_z)))
+                self.progress.write(f"step {record.step}: update skipped, {record.reason()} "
+                                    f"({record.streak} in a row)")
+            if halting:
+                return record
+        return None
+
+    def _log(self, last: StepRecord, lr: float, tokens_per_s: float, mfu: float | None, tokens: int) -> None:
+        """The log record of step `last` (its loss, grad norm, and whether its update was skipped)."""
         if not self.d.is_main:
             return
+        record = dict(step=last.step, loss=_finite(last.loss), lr=lr, grad_norm=_finite(last.grad_norm),
+                      tokens_per_s=tokens_per_s, mfu=mfu, tokens=tokens, backends=self.backends)
+        if last.skipped:
+            record.update(skipped=last.skipped, loss_z=_finite(last.loss_z))
         self._write_metrics(record)
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
-        self.progress.update(self.step, f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                                        f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
-                                        f"mfu {mfu}", log=True)
+        self.progress.update(self.step, f"loss {last.loss:.4f} | lr {record['lr']:.2e} | "
+                                        f"grad {last.grad_norm:.2f} | {record['tokens_per_s']:,.0f} tok/s | "
+                                        f"mfu {mfu}" + (" | skipped" if last.skipped else ""), log=True)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGINT/SIGTERM set stop_signal (the loop saves and exits); the old handler comes back
@@ -419,6 +614,11 @@ class Trainer:
         return previous
 
 
+def _finite(value: float) -> float | None:
+    """`value` for metrics.jsonl: JSON has no NaN or infinity, so those become null."""
+    return value if math.isfinite(value) else None
+
+
 def plot_losses(metrics: Path, png: Path) -> Path | None:
     """Train and val loss against step from metrics.jsonl, as a PNG (skipped without matplotlib)."""
     try:
@@ -428,7 +628,7 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     except ImportError:
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "skipped" not in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     for points, label in ((train, "train"), (val, "val")):
@@ -436,7 +636,8 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
             ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or val:  # a run stopped early may have logged no loss yet
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=120))
