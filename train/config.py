@@ -46,6 +46,9 @@ class TrainConfig:
                              "gpt2 on CUDA)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out (its settings, then --config and "
                              "flags on top)")
+    init_from: str | None = _f(None, "start from weights: hf:DIR (a Hugging Face GPT-2 directory) or ckpt:PATH (a "
+                                     "tritongpt checkpoint or run directory); the model settings come from it, "
+                                     "the optimizer and schedule start fresh")
     # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
     batch_size: int = _f(8, "sequences per micro-batch, per rank")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -63,6 +66,9 @@ class TrainConfig:
     eval_interval: int = _f(250, "evaluate (val loss + a short sample) every this many steps")
     eval_steps: int = _f(20, "val batches per evaluation")
     sample_tokens: int = _f(128, "tokens of the sample printed at each evaluation and at the end (0: none)")
+    eval_hellaswag_interval: int = _f(0, "score HellaSwag (the named asset hellaswag_val.jsonl) every this many "
+                                         "steps and at the end (0: never)")
+    hellaswag_limit: int | None = _f(None, "HellaSwag items scored per evaluation (default: all 10,042)")
     log_interval: int = _f(10, "log loss, lr, tokens/s, MFU every this many steps")
     ckpt_interval: int = _f(500, "checkpoint every this many steps (and at the end)")
     keep_ckpts: int = _f(3, "keep the newest this many checkpoints; the one just written, the newest good "
@@ -81,6 +87,13 @@ class TrainConfig:
                               "scaling) or fp32")
     compile: bool = _f(False, "torch.compile the model")
     doc_mask: bool = _f(False, "attend only within a document (doc ids from the eot tokens in each batch)")
+    peak_tflops: float | None = _f(None, "the GPU's dense peak TFLOP/s in the autocast dtype, for MFU (default: "
+                                         "the table in train/mfu.py)")
+    # dashboards, fed from the metrics.jsonl records
+    tensorboard: bool = _f(False, "also write TensorBoard event files to OUT/tensorboard "
+                                  "(pip install 'tritongpt[tensorboard]')")
+    wandb: str | None = _f(None, "also log to this Weights & Biases project (pip install 'tritongpt[wandb]'; "
+                                 "WANDB_MODE=offline keeps it local)")
     # the model: GPTConfig fields, addressed by their own names (--n-layer, n_layer = ...)
     model: GPTConfig = field(default_factory=lambda: GPTConfig.from_preset("tiny"))
 
@@ -149,8 +162,14 @@ def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = 
             values[name] = choice
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    if values.get("init_from") and not base:  # the model is the source's; given settings may change a few
+        from tritongpt.train import init_from
+        given = {k: v for layer in (from_file, flags) for k, v in layer.items() if k in MODEL_FIELDS}
+        given.update({k: values[k] for k in (*MODEL_OPS, registry.GLOBAL) if values.get(k) is not None})
+        model = init_from.merge(init_from.source_config(values["init_from"]), given)
     try:
-        model_config = GPTConfig(**model) if base else GPTConfig.from_preset(preset, **model)
+        model_config = GPTConfig(**model) if base or values.get("init_from") else GPTConfig.from_preset(preset,
+                                                                                                      **model)
     except TypeError as exc:  # a GPTConfig that rejects a combination without naming it
         raise TritonGPTError(f"model config: {exc}") from exc
     cfg = TrainConfig(**run, model=model_config)
@@ -302,7 +321,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise TritonGPTError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    non_negative = ["warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens"]
+    non_negative = ["warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens", "eval_hellaswag_interval"]
     for key in non_negative:
         if getattr(cfg, key) < 0:
             raise TritonGPTError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -310,6 +329,13 @@ def validate(cfg: TrainConfig) -> None:
         raise TritonGPTError(f"decay_steps must be >= 1, got {cfg.decay_steps}")
     if cfg.skip_spikes is not None and not cfg.skip_spikes > 0:
         raise TritonGPTError(f"skip_spikes must be > 0 (or none: off), got {cfg.skip_spikes}")
+    if cfg.hellaswag_limit is not None and cfg.hellaswag_limit < 1:
+        raise TritonGPTError(f"hellaswag_limit must be >= 1 (or none: all), got {cfg.hellaswag_limit}")
+    if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
+        raise TritonGPTError(f"peak_tflops must be > 0 (or none: the table's), got {cfg.peak_tflops}")
+    if cfg.init_from is not None:
+        from tritongpt.train import init_from
+        init_from.parse(cfg.init_from)
     if cfg.spike_window < 2:
         raise TritonGPTError(f"spike_window must be >= 2, got {cfg.spike_window}")
     if not cfg.lr > 0:

@@ -22,10 +22,15 @@ one line and exit code 3 (DIVERGED_EXIT); no checkpoint ever holds a non-finite 
 
 OUT/metrics.jsonl gets one JSON object per log step (step, loss, lr, grad_norm, tokens_per_s,
 mfu, tokens, backends; `skipped` when that step's update was), per other skipped step (step,
-skipped: "nonfinite" or "spike", loss, grad_norm, loss_z) and per evaluation (step, val_loss);
-a non-finite value is written as null. MFU is model FLOPs per second per GPU over the GPU's dense
-tensor-core peak for the autocast dtype (PEAK_FLOPS); it is null on the CPU and on GPUs missing
-from the table.
+skipped: "nonfinite" or "spike", loss, grad_norm, loss_z), per evaluation (step, val_loss) and
+per HellaSwag evaluation (step, hellaswag_acc, hellaswag_acc_norm); a non-finite value is
+written as null. The same records feed the optional dashboards (train/dashboards.py). MFU is
+model FLOPs per second per GPU over the GPU's dense tensor-core peak for the autocast dtype
+(--peak-tflops, else the table in train/mfu.py); it is null on the CPU and on GPUs missing from
+the table.
+
+--init-from hf:DIR | ckpt:PATH starts from the weights of a Hugging Face GPT-2 or a checkpoint
+(train/init_from.py), with a fresh optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -49,38 +54,16 @@ from tritongpt.kernels import registry
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.config import MODEL_OPS, GPTConfig
 from tritongpt.progress import Progress
-from tritongpt.train import checkpoint, distributed
+from tritongpt.train import checkpoint, distributed, init_from
 from tritongpt.train.config import TrainConfig
-
-# Dense (no sparsity) tensor-core peak FLOP/s per GPU by autocast dtype; fp32 runs use TF32
-# (set_float32_matmul_precision("high")). First substring of torch.cuda.get_device_name() wins.
-PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
-    ("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
-]
-
+from tritongpt.train.dashboards import Dashboards, check_available
+from tritongpt.train.evaluate import evaluate, task_items
+from tritongpt.train.mfu import peak_flops
 
 DIVERGED_EXIT = 3  # exit code of a run stopped by --max-skipped-steps
 
 # Why a step's update was skipped: the bits of StepRecord.flags.
 LOSS_NONFINITE, GRAD_NONFINITE, LOSS_SPIKE, HALTED = 1, 2, 4, 8
-
-
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The table's peak for this device and dtype; None on the CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_FLOPS:
-        if key in name:
-            return peaks.get(dtype)
-    return None
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -281,6 +264,8 @@ class Trainer:
             raise TritonGPTError(f"{self.out} already holds checkpoints ({newest.name}); pass --resume to continue "
                                  f"that run or choose another --out")
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        check_available(cfg.tensorboard, cfg.wandb)  # a missing dashboard extra fails before anything is written
+        self.hellaswag = task_items("hellaswag", limit=cfg.hellaswag_limit) if cfg.eval_hellaswag_interval else []
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
 
@@ -316,6 +301,9 @@ class Trainer:
         self.newest_ckpt: Path | None = None  # the newest checkpoint known to be good
         if newest is not None:
             self._resume()
+        elif cfg.init_from:
+            init_from.load_weights(self.model, cfg.init_from)
+            torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
         else:
             torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
 
@@ -325,7 +313,8 @@ class Trainer:
             # no buffer is trained or mutated (the sinusoidal table is a constant): skip the per-forward broadcast
             self.forward = DDP(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                broadcast_buffers=False)
-        self.peak = peak_flops(self.device, self.dtype)
+        self.peak = peak_flops(self.device, self.dtype, cfg.peak_tflops)
+        self.dashboards: Dashboards | None = None
         self.flops_per_token = self.model.flops_per_token()
         self.backends = self.model.backend_names()
         self.progress = Progress(cfg.max_steps, label="step", enabled=d.is_main)
@@ -338,8 +327,9 @@ class Trainer:
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write(self.out / "config.json",
-                                    lambda fh: fh.write(json.dumps(cfg.to_dict(), indent=2).encode() + b"\n"))
+                         lambda fh: fh.write(json.dumps(cfg.to_dict(), indent=2).encode() + b"\n"))
             self._start_metrics()
+            self.dashboards = Dashboards(self.out, cfg.tensorboard, cfg.wandb, cfg.to_dict())
             n = self.model.num_params()
             print(f"training {cfg.preset} model, {n / 1e6:.2f}M params, on {self.device} ({self.dtype}) x "
                   f"{d.world_size}; {cfg.tokens_per_step * d.world_size} tokens/step; backends "
@@ -353,6 +343,8 @@ class Trainer:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if self.dashboards is not None:
+                self.dashboards.close()
         if halted is not None:
             if d.is_main:
                 self.progress.close()
@@ -403,6 +395,9 @@ class Trainer:
                 self.progress.update(self.step)
             if self.step % cfg.eval_interval == 0 or last:
                 self._evaluate(final=last)
+                timer, steps_timed = time.perf_counter(), 0
+            if self.hellaswag and (self.step % cfg.eval_hellaswag_interval == 0 or last):
+                self._evaluate_hellaswag()
                 timer, steps_timed = time.perf_counter(), 0
             if save:
                 self._save()
@@ -481,6 +476,24 @@ class Trainer:
                 self.progress.write(("final sample" if final else "sample") + ": "
                                     + self.sample(cfg.sample_tokens).replace("\n", "\n  "))
         self.model.train()
+
+    def _evaluate_hellaswag(self) -> None:
+        """HellaSwag accuracy (llm.c's scoring, train/evaluate.py): each rank scores every
+        world_size-th item, the counts are summed."""
+        from tritongpt.data.tokenizer import get_encoding
+
+        mine = self.hellaswag[self.d.rank::self.d.world_size]
+        with self._autocast():
+            result = evaluate(self.model, get_encoding(self.tokenizer), mine, self.device) if mine else None
+        counts = torch.tensor([0.0, 0.0, 0.0] if result is None else
+                              [result["items"], result["acc"] * result["items"], result["acc_norm"] * result["items"]],
+                              device=self.device, dtype=torch.float64)
+        items, correct, correct_norm = (distributed.mean(self.d, counts) * self.d.world_size).tolist()
+        if self.d.is_main:
+            record = dict(step=self.step, hellaswag_acc=correct / items, hellaswag_acc_norm=correct_norm / items)
+            self._write_metrics(record)
+            self.progress.write(f"step {self.step}: hellaswag acc {record['hellaswag_acc']:.4f}, acc_norm "
+                                f"{record['hellaswag_acc_norm']:.4f} ({items:.0f} items)")
 
     def sample(self, max_new_tokens: int) -> str:
         """A sample from the model, starting at the eot token, with a fixed seed (the training RNG
@@ -565,6 +578,8 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.dashboards is not None:
+            self.dashboards.write(record)
 
     def _report_skips(self, records: list[StepRecord], logged: int | None) -> StepRecord | None:
         """Write each skipped step to metrics.jsonl (but step `logged`, whose log record says so)
@@ -620,7 +635,8 @@ def _finite(value: float) -> float | None:
 
 
 def plot_losses(metrics: Path, png: Path) -> Path | None:
-    """Train and val loss against step from metrics.jsonl, as a PNG (skipped without matplotlib)."""
+    """Train and val loss (and HellaSwag accuracy, when scored) against step from metrics.jsonl, as a
+    PNG (skipped without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -637,8 +653,14 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if train or val:  # a run stopped early may have logged no loss yet
-        ax.legend()
+        ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in records if "hellaswag_acc_norm" in r]
+    if hellaswag:  # accuracy on its own axis, right
+        acc = ax.twinx()
+        acc.plot(*zip(*hellaswag), color="tab:green", marker="s", label="hellaswag acc_norm")
+        acc.set_ylabel("hellaswag acc_norm")
+        acc.legend(loc="upper right")
     fig.tight_layout()
     atomic_write(png, lambda fh: fig.savefig(fh, format="png", dpi=120))
     plt.close(fig)
