@@ -2,7 +2,7 @@
 backends (Triton kernels, PyTorch SDPA, plain PyTorch). See README.md.
 
     from tritongpt import GPT, GPTConfig                          # the model
-    from tritongpt import flash_attention, layer_norm, gelu_mlp   # the Triton kernels, as functions
+    from tritongpt import flash_attention, layer_norm, gelu_mlp, linear_cross_entropy  # Triton kernels
 
 The names below are imported on first use (PEP 562), so `import tritongpt` stays light (no
 torch, no triton). The subpackages (`tritongpt.kernels`, `.model`, `.train`, `.data`,
@@ -26,6 +26,7 @@ _EXPORTS = {
     "flash_attention": "tritongpt.kernels.attention",
     "layer_norm": "tritongpt.kernels.layer_norm",
     "gelu_mlp": "tritongpt.kernels.mlp",
+    "linear_cross_entropy": "tritongpt.kernels.linear_cross_entropy",
     "TritonGPTError": "tritongpt.errors",
 }
 

@@ -10,13 +10,19 @@ backend name registered for the ops (e.g. `triton`): all ops on it, all ops on i
 each op alone on it (the others at the baseline). Each row gives ms/step, tokens/s, MFU
 (model.flops_per_token against the matmul ceiling measured in the same run), peak memory and
 the loss after the same number of steps; losses that disagree with the baseline's are flagged.
+Peak memory: on CUDA the allocator's peak over the run; on a CPU the peak resident memory of a
+fresh process that takes RSS_STEPS training steps of the combination (eager ones), so each
+backend, the loss's `linear_cross_entropy=chunked` included, is measured alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,13 +84,8 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
     compile or autotune left in it), then `steps` timed steps. `loss` is the loss of step
     warmup + steps, the same step for every combination. Combinations not started by `deadline`
     (time.monotonic()) get a row saying so."""
-    from tritongpt.model.config import GPTConfig
     check_preset(preset)
-    config = GPTConfig.from_preset(preset)
-    block = max(seq_len, config.block_size)
-    gen = torch.Generator().manual_seed(seed)
-    seq = torch.randint(0, config.real_vocab_size, (batch_size, seq_len + 1), generator=gen)  # (B, T + 1)
-    batch = seq[:, :-1].to(device), seq[:, 1:].to(device)  # inputs, next-token targets
+    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, device)
     rows = []
     todo = combos(compile)
     for i, combo in enumerate(todo):
@@ -101,6 +102,16 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
         free_memory(device)
     _compare(rows, loss_tolerance(dtype, device))
     return rows
+
+
+def _block_and_batch(preset: str, batch_size: int, seq_len: int, seed: int, device: torch.device
+                     ) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+    """(block_size, (inputs, next-token targets)): the model's positions and the one batch, (B, T) each."""
+    from tritongpt.model.config import GPTConfig
+    config = GPTConfig.from_preset(preset)
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, config.real_vocab_size, (batch_size, seq_len + 1), generator=gen)  # (B, T + 1)
+    return max(seq_len, config.block_size), (seq[:, :-1].to(device), seq[:, 1:].to(device))
 
 
 def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
@@ -176,10 +187,56 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
             log(f"  {ms:.2f} ms/step, {tokens_per_s:.0f} tokens/s, loss {row['loss']:.4f}")
         else:
             log(f"  {row['note']}: loss {row['loss']:.4f}")
+        if device.type == "cpu" and not interpreted and not combo.compiled:
+            row["peak_mem_mb"] = fresh_process_peak_rss_mb(combo, preset, b, t, dtype, seed)
+            log(f"  peak resident memory {row['peak_mem_mb']:.0f} MiB (a fresh process)")
     except Exception as exc:  # unsupported combination, out of memory: a row that says so
         row["note"] = describe_error(exc)
         log(f"  failed: {row['note']}")
     return row
+
+
+RSS_STEPS = 2  # steps of the fresh process measured on a CPU: the second has the optimizer's state too
+# The fresh process: RSS_STEPS steps of one combination, then its peak resident memory (MiB) on stdout.
+_RSS_CHILD = ("import json, sys\nfrom tritongpt.bench import step\n"
+              "print(step.step_peak_rss_mb(**json.loads(sys.argv[1])))")
+
+
+def fresh_process_peak_rss_mb(combo: Combo, preset: str, batch_size: int, seq_len: int, dtype: torch.dtype,
+                              seed: int) -> float:
+    """Peak resident memory (MiB) of a new Python process that builds the combination's model and
+    takes RSS_STEPS training steps on the CPU: one process per backend, so nothing an earlier
+    combination allocated (and the allocator kept) counts."""
+    args = dict(preset=preset, backends=dict(combo.backends), batch_size=batch_size, seq_len=seq_len,
+                dtype=dtype_name(dtype), seed=seed)
+    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory process failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def step_peak_rss_mb(*, preset: str, backends: dict[str, str], batch_size: int, seq_len: int, dtype: str,
+                     seed: int) -> float:
+    """In the fresh process: RSS_STEPS CPU training steps with `backends`, then this process's peak
+    resident memory in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+
+    from tritongpt import GPT, GPTConfig
+    cpu = torch.device("cpu")
+    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, cpu)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **backends))
+    run = train_defaults(preset)
+    optimizer = model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), cpu.type)
+    compute = getattr(torch, dtype)
+    for _ in range(RSS_STEPS):
+        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+            _, loss = model(*batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 MAX_WARMUP = 20  # warm-up steps at most while waiting for a steady step time

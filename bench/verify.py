@@ -1,13 +1,13 @@
-"""`tritongpt verify`: is every backend of every op correct on this device, at a real model's
-shapes, and how fast is it? One table; exit 1 on any correctness failure.
+"""`tritongpt verify`: is every backend of every op correct here, at a real model's shapes, and how fast?
 
     tritongpt verify                                    # gpt2, B=8, T=1024, bf16 on CUDA; + 16k-token attention
     tritongpt verify --preset gpt2-medium --batch-size 4 --seq-len 2048 --dtype fp16
     tritongpt verify --json verify.json                 # the rows as JSON too
     TRITON_INTERPRET=1 tritongpt verify                 # a CPU: the interpreter's correctness check at small shapes
 
-For each op (`tritongpt kernels list`) and each backend usable here, on the shapes the model
-calls the op at (each op's spec gives them; the op's quick cases on a CPU): forward and backward
+One table; exit 1 on any correctness failure. For each op (`tritongpt kernels list`) and each
+backend usable here, on the shapes the model calls the op at (each op's spec gives them; the
+op's quick cases on a CPU): forward and backward
 max relative error against the op's reference run in float64 (CPU) or fp32 (GPU), passing when
 within the dtype's tolerance and, for fp16/bf16 on a GPU, at most 2x the error PyTorch's own
 reference makes in the same dtype; a rerun that must be bitwise equal where the backend claims

@@ -41,8 +41,9 @@ NEEDS = ("any", "triton", "cuda")
 # never shadows another `kernels` when Python runs from the repository root), so nothing else
 # imports the kernel files.
 BUILTIN_MODULES = ("tritongpt.kernels.attention_spec", "tritongpt.kernels.layer_norm_spec",
-                   "tritongpt.kernels.mlp_spec", "tritongpt.kernels.attention", "tritongpt.kernels.layer_norm",
-                   "tritongpt.kernels.mlp")
+                   "tritongpt.kernels.mlp_spec", "tritongpt.kernels.linear_cross_entropy_spec",
+                   "tritongpt.kernels.attention", "tritongpt.kernels.layer_norm", "tritongpt.kernels.mlp",
+                   "tritongpt.kernels.linear_cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,12 @@ def load() -> None:
         return
     _loaded = True  # first, so modules registering while they are imported do not come back here
     for name in BUILTIN_MODULES:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != "triton":
+                raise
+            # no Triton on this platform (it is a Linux-only dependency): the ops keep their other backends
     for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
         try:
             entry.load()(importlib.import_module(__name__))
@@ -168,7 +174,8 @@ def choose(op: str, choice: str | None = None, default: str | None = None,
 def resolve(op: str, choice: str | None = None, default: str | None = None,
             device: torch.device | str | None = None) -> Callable:
     """The callable implementing `op` (see `choose` for how the backend is picked)."""
-    return _BACKENDS[op][choose(op, choice, default, device)].fn
+    name = choose(op, choice, default, device)  # loads the registry first
+    return _BACKENDS[op][name].fn
 
 
 def env_var(name: str) -> str:

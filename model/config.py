@@ -13,7 +13,7 @@ from tritongpt.errors import TritonGPTError, require
 from tritongpt.kernels.spec import ModelShape
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
-MODEL_OPS = ("attention", "layer_norm", "mlp")  # the registry ops a GPT calls: each a field below
+MODEL_OPS = ("attention", "layer_norm", "mlp", "linear_cross_entropy")  # the registry ops a GPT calls: each a field
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class GPTConfig:
     attention: str | None = None  # attention backend (registry name or "auto"); None: `backend`
     layer_norm: str | None = None  # LayerNorm backend; None: `backend`
     mlp: str | None = None  # MLP backend; None: `backend`
+    linear_cross_entropy: str | None = None  # backend of lm_head + the training loss, fused; None: `backend`
     backend: str | None = None  # backend of every op left None (registry name or "auto"); None: auto
 
     def __post_init__(self) -> None:

@@ -1,11 +1,12 @@
 """The GPT: GPT-2's architecture (nanoGPT-style, GPT-2 parameter names) whose attention,
-LayerNorm and MLP come from the backend registry.
+LayerNorm, MLP and lm_head + loss (`linear_cross_entropy`) come from the backend registry.
 
     from tritongpt import GPT, GPTConfig
     model = GPT(GPTConfig.from_preset("tiny", attention="sdpa"))
-    logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
+    _, loss = model(idx, targets)                 # idx, targets: (B, T) int64; no logits are made
+    logits = model.logits(model.hidden_states(idx))   # (B, T, V) when they are wanted
     out = model.eval().generate(idx, 50, temperature=0.8, top_k=200)
-    model.backend_names()                         # {"attention": "sdpa", "layer_norm": ..., "mlp": ...}
+    model.backend_names()                         # {"attention": "sdpa", "layer_norm": ..., "mlp": ..., ...}
 
 Shapes: B batch, T sequence, C n_embd, V real_vocab_size (padding rows excluded).
 """
@@ -18,7 +19,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tritongpt.errors import TritonGPTError, require
 from tritongpt.kernels import registry
@@ -29,6 +29,7 @@ from tritongpt.model.layers import (
     compute_dtype,
     init_weights,
     residual_std,
+    resolve_op,
     rope_angles,
     sinusoidal_table,
 )
@@ -68,6 +69,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config.n_layer))
+        self.resolve_op(config)
+
+    def resolve_op(self, config: GPTConfig) -> None:
+        """The training loss: lm_head and cross-entropy as the one op `linear_cross_entropy`."""
+        self.loss_backend, self.linear_cross_entropy = resolve_op("linear_cross_entropy", config)
 
     # ---- backends -------------------------------------------------------------------------
 
@@ -87,18 +93,22 @@ class GPT(nn.Module):
         self.config = config
 
     def backend_names(self) -> dict[str, str]:
-        """op -> the backend its modules use, e.g. {"attention": "triton", "layer_norm": "torch", "mlp": "triton"}."""
+        """op -> the backend its modules use, e.g. {"attention": "triton", "layer_norm": "torch", "mlp": "triton",
+        "linear_cross_entropy": "chunked"}."""
         block = self.transformer.h[0]
-        return {"attention": block.attn.backend, "layer_norm": self.transformer.ln_f.backend, "mlp": block.mlp.backend}
+        return {"attention": block.attn.backend, "layer_norm": self.transformer.ln_f.backend, "mlp": block.mlp.backend,
+                "linear_cross_entropy": self.loss_backend}
 
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids; targets (B, T) next-token ids, -1 = ignored; doc_ids (B, T) ints:
-        attention stays within a document (packed sequences). With targets: logits (B, T, V) and
-        the mean fp32 cross-entropy loss; without: logits of the last position only (B, 1, V), None.
-        V = real_vocab_size: padding rows of the embedding are never predicted."""
+        attention stays within a document (packed sequences). With targets: (None, the mean fp32
+        cross-entropy loss) from the `linear_cross_entropy` op, whatever its backend (the logits
+        are what it avoids making; `logits(hidden_states(idx))` gives them); 0 when every target
+        is ignored. Without: logits of the last position only (B, 1, V), None. V =
+        real_vocab_size: padding rows of the embedding are never predicted."""
         self._check_ids(idx, "idx")
         if targets is not None:
             self._check_ids(targets, "targets")
@@ -107,11 +117,11 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, doc_ids=doc_ids)  # (B, T, C)
         if targets is None:
             return self.logits(x[:, [-1], :]), None
-        logits = self.logits(x)
-        loss_logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
-        loss = F.cross_entropy(loss_logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, label_smoothing=self.config.label_smoothing)
-        return logits, loss
+        dtype = compute_dtype(x)  # autocast's, as lm_head's matmul would run in
+        loss = self.linear_cross_entropy(x.to(dtype), self.lm_head.weight.to(dtype), targets, ignore_index=-1,
+                                         label_smoothing=self.config.label_smoothing,
+                                         vocab_limit=self.config.real_vocab_size)
+        return None, loss
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:

@@ -25,7 +25,10 @@ def command_paths(parser: argparse.ArgumentParser, prefix=()):
                 yield from command_paths(sub, (*prefix, name))
 
 
-PATHS = list(command_paths(cli.build_parser()))
+# every command and subcommand (a command's own parser is built only when it is the one given)
+PATHS = [(name,) for name in cli.COMMANDS] + [path for name in cli.COMMANDS
+                                              for path in command_paths(cli.build_parser(name))
+                                              if path[0] == name and len(path) > 1]
 
 
 def run_main(argv, capsys):

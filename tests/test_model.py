@@ -53,6 +53,11 @@ def batch(variant: str, seed: int = 1):
     return idx, targets, doc_ids
 
 
+def full_logits(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, V) logits: the forward with targets makes none (its loss op fuses lm_head)."""
+    return model.logits(model.hidden_states(idx, doc_ids=doc_ids))
+
+
 def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype, device: str = "cpu", autocast=None):
     """logits, loss and {name: grad} of a fresh model with `state`, in `dtype` on `device`
     (under autocast to the dtype `autocast` when given)."""
@@ -60,7 +65,10 @@ def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype, device: str 
     model.load_state_dict(state)
     inputs = [None if t is None else t.to(device) for t in inputs]
     with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        logits, loss = model(*inputs)
+        no_logits, loss = model(*inputs)
+        with torch.no_grad():
+            logits = full_logits(model, inputs[0], inputs[2])
+    assert no_logits is None
     loss.backward()
     return logits, loss, {n: p.grad for n, p in model.named_parameters()}
 
@@ -160,8 +168,10 @@ def test_model_matches_textbook_forward(variant):
     model = GPT(config).double()
     model.load_state_dict(random_state(config))
     idx, targets, doc_ids = batch(variant)
-    logits, _ = model(idx, targets, doc_ids)
-    assert_rel_close(logits, plain_forward(model, idx, doc_ids), 1e-12, "logits")
+    expected = plain_forward(model, idx, doc_ids)
+    assert_rel_close(full_logits(model, idx, doc_ids), expected, 1e-12, "logits")
+    _, loss = model(idx, targets, doc_ids)
+    assert_rel_close(loss, F.cross_entropy(expected.flatten(0, 1), targets.flatten(), ignore_index=-1), 1e-12, "loss")
 
 
 def test_untied_and_biasless_model():
@@ -171,10 +181,10 @@ def test_untied_and_biasless_model():
     assert all(not n.endswith(".bias") for n, _ in model.named_parameters())
     torch.manual_seed(0)
     idx = torch.randint(0, REAL_VOCAB, (B, T))
-    logits, _ = model(idx, idx)
+    logits, (_, loss) = full_logits(model, idx), model(idx, idx)
     model.transformer.wte.weight.data.add_(1.0)  # an untied embedding does not change lm_head
     assert model.lm_head.weight.abs().max() < 1.0
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
 
 
 def test_loss_semantics_ignore_index_label_smoothing_and_padding():
@@ -184,7 +194,7 @@ def test_loss_semantics_ignore_index_label_smoothing_and_padding():
     with torch.no_grad():  # huge padding rows: any leak into the softmax would dominate the loss
         model.transformer.wte.weight[REAL_VOCAB:] = 100.0
     idx, targets, _ = batch("mha-learned")
-    logits, loss = model(idx, targets)
+    logits, (_, loss) = full_logits(model, idx), model(idx, targets)
     assert logits.shape == (B, T, REAL_VOCAB)
     hidden = model.hidden_states(idx)
     real_logits = hidden @ model.transformer.wte.weight[:REAL_VOCAB].T  # (B, T, V)
@@ -199,16 +209,18 @@ def test_loss_semantics_ignore_index_label_smoothing_and_padding():
 def test_dropout_only_in_training_mode():
     model = GPT(tiny_config(dropout=0.5))
     idx, targets, _ = batch("mha-learned")
-    train_a, train_b = model(idx, targets)[0], model(idx, targets)[0]
+    train_a, train_b = full_logits(model, idx), full_logits(model, idx)
     assert not torch.equal(train_a, train_b)
+    assert not torch.equal(model(idx, targets)[1], model(idx, targets)[1])
     model.eval()
-    assert torch.equal(model(idx, targets)[0], model(idx, targets)[0])
+    assert torch.equal(full_logits(model, idx), full_logits(model, idx))
+    assert torch.equal(model(idx, targets)[1], model(idx, targets)[1])
 
 
 def test_loss_is_fp32_for_low_precision_logits():
     model = GPT(tiny_config()).to(torch.float16)
     idx, targets, _ = batch("mha-learned")
-    logits, loss = model(idx, targets)
+    logits, (_, loss) = full_logits(model, idx), model(idx, targets)
     assert logits.dtype == torch.float16 and loss.dtype == torch.float32
 
 
@@ -216,7 +228,8 @@ def test_no_targets_gives_last_position_logits():
     config = tiny_config()
     model = GPT(config).double()
     idx, targets, _ = batch("mha-learned")
-    full, _ = model(idx, targets)
+    full = full_logits(model, idx)
+    assert model(idx, targets)[0] is None  # with targets: the loss, no logits
     last, loss = model(idx)
     assert loss is None and last.shape == (B, 1, REAL_VOCAB)
     assert_rel_close(last, full[:, -1:], 1e-12, "last logits")
@@ -232,11 +245,16 @@ def test_autocast_bf16_runs_with_fp32_residual_stream():
     ref.load_state_dict(random_state(config))
     _, ref_loss = ref(idx, targets)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, targets)
+        logits, (_, loss) = full_logits(model, idx), model(idx, targets)
     loss.backward()
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert_rel_close(loss, ref_loss, tol(torch.bfloat16), "autocast loss")
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def loss_and_logits(model: GPT, idx: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None):
+    """The training loss, and the logits from a second forward: one function to compile."""
+    return model(idx, targets, doc_ids)[1], full_logits(model, idx, doc_ids)
 
 
 @pytest.mark.parametrize("choice", ["triton", pytest.param("torch", marks=pytest.mark.slow)])
@@ -252,10 +270,10 @@ def test_compile_fullgraph_traces(choice, device):
     compiled_model.load_state_dict(state)
     idx, targets, _ = batch("mha-learned")
     idx, targets, doc_ids = idx.to(device), targets.to(device), batch("mqa-sinusoidal-docs")[2].to(device)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
-    logits, loss = compiled(idx, targets, doc_ids)
+    compiled = torch.compile(loss_and_logits, fullgraph=True, backend="aot_eager")
+    loss, logits = compiled(compiled_model, idx, targets, doc_ids)
     loss.backward()
-    ref_logits, ref_loss = eager(idx, targets, doc_ids)
+    ref_loss, ref_logits = loss_and_logits(eager, idx, targets, doc_ids)
     ref_loss.backward()
     assert_rel_close(logits, ref_logits, tol(torch.float32), "compiled logits")
     grads = dict(eager.named_parameters())
@@ -341,14 +359,18 @@ def test_init_follows_gpt2():
 
 def test_set_backends_reresolves_and_is_atomic():
     model = GPT(tiny_config())
-    assert model.backend_names() == {"attention": "torch", "layer_norm": "torch", "mlp": "torch"}
+    assert model.backend_names() == {"attention": "torch", "layer_norm": "torch", "mlp": "torch",
+                                     "linear_cross_entropy": "torch"}
     model.set_backends(attention="sdpa")
     assert model.backend_names()["attention"] == "sdpa" and model.config.attention == "sdpa"
     assert all(b.attn.backend == "sdpa" for b in model.transformer.h)
     with pytest.raises(TritonGPTError, match="unknown mlp backend"):
         model.set_backends(layer_norm="auto", mlp="nope")
-    assert model.backend_names() == {"attention": "sdpa", "layer_norm": "torch", "mlp": "torch"}
-    model.set_backends(backend="auto", attention="auto")
+    assert model.backend_names() == {"attention": "sdpa", "layer_norm": "torch", "mlp": "torch",
+                                     "linear_cross_entropy": "torch"}
+    model.set_backends(linear_cross_entropy="chunked")
+    assert model.backend_names()["linear_cross_entropy"] == "chunked" and model.config.linear_cross_entropy == "chunked"
+    model.set_backends(backend="auto", attention="auto", linear_cross_entropy="auto")
     assert model.backend_names() == {op: registry.choose(op) for op in MODEL_OPS}
     with pytest.raises(TritonGPTError, match="unknown op"):
         model.set_backends(norm="torch")
@@ -387,9 +409,9 @@ def test_gpu_compile_inductor_and_fused_adamw():
     model.load_state_dict(state)
     opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device_type="cuda")
     assert opt.defaults["fused"]
-    compiled = torch.compile(model, fullgraph=True)
-    logits, loss = compiled(idx, targets)
-    ref_logits, _ = eager(idx, targets)
+    compiled = torch.compile(loss_and_logits, fullgraph=True)
+    loss, logits = compiled(model, idx, targets)
+    ref_logits = full_logits(eager, idx)
     assert_rel_close(logits, ref_logits, tol(torch.float32, tf32=True), "inductor logits")
     loss.backward()
     opt.step()

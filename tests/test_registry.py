@@ -43,7 +43,8 @@ def no_triton(monkeypatch):
 def chosen(flags: dict, env: dict) -> str:
     """The layer_norm backend `tritongpt train` would use with these flags and environment (the
     other ops pinned, so a global choice reaches layer_norm alone)."""
-    cfg = train_config.resolve({"preset": "tiny", "attention": "torch", "mlp": "torch", **flags}, env=env)
+    cfg = train_config.resolve({"preset": "tiny", "attention": "torch", "mlp": "torch", "linear_cross_entropy": "torch",
+                                **flags}, env=env)
     return resolve_backends(cfg.model, torch.device("cpu")).layer_norm
 
 
@@ -159,7 +160,8 @@ def test_auto_under_interpreter_is_triton(triton_here):
 
 
 def test_unknown_op():
-    with pytest.raises(TritonGPTError, match="unknown op 'norm'; ops: attention, layer_norm, mlp"):  # sorted
+    with pytest.raises(TritonGPTError,
+                       match="unknown op 'norm'; ops: attention, layer_norm, linear_cross_entropy, mlp"):  # sorted
         registry.backends("norm")
 
 
@@ -199,3 +201,15 @@ def test_plugins_add_backends_and_a_broken_one_is_one_warning(tmp_path):
     assert "goodpkg" in out.stdout and "badpkg" not in out.stdout
     warnings = [line for line in out.stderr.splitlines() if "Warning" in line]
     assert len(warnings) == 1 and "'badpkg'" in warnings[0] and "unknown op 'nosuch_op'" in warnings[0]
+
+
+def test_without_triton_the_pytorch_backends_remain():
+    """Triton is a Linux-only dependency: where it is missing, the registry and the model still work."""
+    code = ("import sys\nsys.modules['triton'] = None  # as if it were not installed\n"
+            "from tritongpt.kernels import registry\n"
+            "from tritongpt import GPT, GPTConfig\n"
+            "print(all('torch' in registry.backends(op) and 'triton' not in registry.backends(op)"
+            " for op in registry.ops()), sorted(set(GPT(GPTConfig.from_preset('tiny')).backend_names().values())))")
+    out = run_with(dict(os.environ, TRITON_INTERPRET="0"), code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "['torch']"]

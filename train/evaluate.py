@@ -1,5 +1,4 @@
-"""`tritongpt eval`: multiple-choice accuracy in HellaSwag's format, scored as llm.c and
-modded-nanogpt score it.
+"""`tritongpt eval`: multiple-choice accuracy in HellaSwag's format, scored as llm.c scores it.
 
     tritongpt eval --ckpt out/ --task hellaswag                 # the named asset hellaswag_val.jsonl
     tritongpt eval --hf path/to/gpt2 --task hellaswag --limit 1000

@@ -1,9 +1,10 @@
-"""`tritongpt export`: a checkpoint as a Hugging Face GPT-2 directory (config.json +
-model.safetensors) that `transformers.GPT2LMHeadModel.from_pretrained` loads with the same logits.
+"""`tritongpt export`: a checkpoint as a Hugging Face GPT-2 directory.
 
     tritongpt export --ckpt out/ --hf exported/shakespeare
     tritongpt export --ckpt out/ckpt_0000300.pt --hf exported/shakespeare --overwrite
 
+It writes config.json + model.safetensors, which `transformers.GPT2LMHeadModel.from_pretrained`
+loads with the same logits.
 Models GPT-2's format cannot express (RoPE or sinusoidal positions, grouped-query attention,
 sliding windows, no biases) are refused with the reason, before anything is written. The
 directory is built beside its target and renamed into place; an existing one is replaced only

@@ -1,0 +1,441 @@
+"""Fused linear + cross-entropy in Triton: the loss of z = x @ W[:V]^T and its gradients, with every
+logits tile made and used on chip, so the (N, V) logits are never written.
+
+    forward     per block of rows, a loop over vocabulary tiles: z tile = x_blk @ W_tile^T (fp32
+                accumulation over C), online log-sum-exp (running max and sum), the target's logit
+                and, for label smoothing, the sum of logits. Writes lse (N,) and each row's loss (N,).
+    backward    dz = softmax(z) - (1 - s) onehot(t) - s / V on rows not ignored, recomputed tile by tile
+                from x, W and lse, then scaled by dloss / count after the dots (so fp16 never holds
+                the tiny scaled values):
+                  dx kernel:  per block of rows, dx_blk += dz_tile @ W_tile over vocabulary tiles
+                  dW kernel:  per vocabulary tile, dW_tile += dz_tile^T @ x_blk over row blocks
+                Each program owns its output rows and adds into them in a fixed order (fp32
+                accumulators in global memory, read and written once per tile step: traffic a GPU
+                run has to weigh): deterministic, no atomics, at the price of recomputing the
+                logits once per backward kernel (5 matmuls' FLOPs in all, against 3 unfused).
+
+Layout of this file (the ladder of the other kernels): 1. `@triton.jit` kernels; 2. launchers
+(validate, allocate, launch); 3. torch.library custom ops with fake implementations and autograd;
+4. the public functional, registered as backend `triton` of op `linear_cross_entropy`; then the
+compile report's variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from tritongpt.errors import require
+from tritongpt.kernels import checks, compile_report, registry
+from tritongpt.kernels.linear_cross_entropy_spec import OP, check, check_targets
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Triton kernels
+
+
+@triton.jit
+def _logits_tile(
+    X,  # (N, C) rows of x, unit column stride
+    W,  # (V_padded, C) weight rows, unit column stride
+    rows,  # (BLOCK_M,) int64 row indices of this tile
+    cols,  # (BLOCK_V,) int64 vocabulary indices of this tile
+    row_mask,  # rows < N
+    col_mask,  # cols < V
+    C,  # width, the reduced dim
+    stride_x,  # elements between rows of X
+    stride_w,  # elements between rows of W
+    BLOCK_M: tl.constexpr,  # rows of the tile
+    BLOCK_V: tl.constexpr,  # vocabulary entries of the tile
+    BLOCK_K: tl.constexpr,  # C step of the dot loop
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"; fp16/bf16 ignore it
+):
+    """z = X[rows] @ W[cols]^T, (BLOCK_M, BLOCK_V) fp32; masked rows and columns read zeros."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_x + ks[None, :]
+    w_ptrs = W + cols[None, :] * stride_w + ks[:, None]  # W^T tile by strides, never a copy
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(C, BLOCK_K)):
+        k_mask = ks < C - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _dlogits_tile(
+    z,  # (BLOCK_M, BLOCK_V) fp32 logits tile
+    lse,  # (BLOCK_M,) fp32 log-sum-exp of each row
+    targets,  # (BLOCK_M,) target of each row
+    valid,  # (BLOCK_M,) row exists and its target is not ignored
+    cols,  # (BLOCK_V,) vocabulary indices of the tile
+    col_mask,  # cols < V
+    label_smoothing,  # s
+    smooth_share,  # s / V
+):
+    """d(row loss)/dz = softmax - (1 - s) onehot(target) - s / V; zero on ignored rows and cols >= V."""
+    probs = tl.exp2((z - lse[:, None]) * _LOG2E)
+    hit = cols[None, :] == targets[:, None]
+    dz = probs - tl.where(hit, 1.0 - label_smoothing, 0.0) - smooth_share
+    return tl.where(valid[:, None] & col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    X,  # (N, C) input rows, row stride stride_x, unit column stride
+    W,  # (V_padded, C) weight, row stride stride_w, unit column stride
+    TARGETS,  # (N,) contiguous integer targets
+    LOSS,  # (N,) fp32 output: each row's loss, 0 on ignored rows
+    LSE,  # (N,) fp32 output: each row's log-sum-exp over the V logits
+    N,  # rows
+    C,  # width
+    V,  # vocabulary predicted (weight rows >= V are never read)
+    stride_x,  # elements between rows of X
+    stride_w,  # elements between rows of W
+    ignore_index,  # targets equal to it add no loss
+    label_smoothing,  # s: weight of the uniform distribution in the target
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary entries per tile
+    BLOCK_K: tl.constexpr,  # C step of the logits dot
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    targets = tl.load(TARGETS + rows, mask=row_mask, other=ignore_index)
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # of exp(z - running_max)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # for label smoothing's mean logit
+    for v in range(0, tl.cdiv(V, BLOCK_V)):
+        cols = v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, C, stride_x, stride_w,
+                         BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))  # finite: every tile has a column < V
+        running_sum = (running_sum * tl.exp2((running_max - new_max) * _LOG2E)
+                       + tl.sum(tl.exp2((z - new_max[:, None]) * _LOG2E), axis=1))
+        running_max = new_max
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+        logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    lse = running_max + tl.log(running_sum)
+    loss = (lse - target_logit) * (1.0 - label_smoothing) + (lse - logit_sum / V) * label_smoothing
+    valid = row_mask & (targets != ignore_index)
+    tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    tl.store(LSE + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def _lce_bwd_dx_kernel(
+    X,  # (N, C) input rows, row stride stride_x, unit column stride
+    W,  # (V_padded, C) weight, row stride stride_w, unit column stride
+    TARGETS,  # (N,) contiguous integer targets
+    LSE,  # (N,) fp32 log-sum-exp from the forward
+    SCALE,  # (1,) fp32: dloss / count of rows not ignored
+    DX,  # (N, C) contiguous fp32 output (and accumulator): the gradient of x
+    N,  # rows
+    C,  # width
+    V,  # vocabulary predicted
+    stride_x,  # elements between rows of X
+    stride_w,  # elements between rows of W
+    ignore_index,  # targets equal to it get no gradient
+    label_smoothing,  # s
+    smooth_share,  # s / V
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary entries per tile
+    BLOCK_K: tl.constexpr,  # C step of the logits dot
+    BLOCK_C: tl.constexpr,  # columns of DX updated per dot
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    targets = tl.load(TARGETS + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (targets != ignore_index)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    scale = tl.load(SCALE)
+    for v in range(0, tl.cdiv(V, BLOCK_V)):
+        cols = v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, C, stride_x, stride_w,
+                         BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
+        dz = _dlogits_tile(z, lse, targets, valid, cols, col_mask, label_smoothing, smooth_share)
+        dz = dz.to(W.dtype.element_ty)
+        for c in range(0, tl.cdiv(C, BLOCK_C)):
+            cc = c * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_mask = cc < C
+            w = tl.load(W + cols[:, None] * stride_w + cc[None, :], mask=col_mask[:, None] & c_mask[None, :],
+                        other=0.0)
+            update = tl.dot(dz, w, input_precision=INPUT_PRECISION) * scale
+            dx_ptrs = DX + rows[:, None] * C + cc[None, :]
+            dx_mask = row_mask[:, None] & c_mask[None, :]
+            # the first vocabulary tile starts the sum: DX is never read before this program wrote it
+            update += tl.load(dx_ptrs, mask=dx_mask & (v > 0), other=0.0)
+            tl.store(dx_ptrs, update, mask=dx_mask)
+
+
+@triton.jit
+def _lce_bwd_dw_kernel(
+    X,  # (N, C) input rows, row stride stride_x, unit column stride
+    W,  # (V_padded, C) weight, row stride stride_w, unit column stride
+    TARGETS,  # (N,) contiguous integer targets
+    LSE,  # (N,) fp32 log-sum-exp from the forward
+    SCALE,  # (1,) fp32: dloss / count of rows not ignored
+    DW,  # (V, C) contiguous fp32 output (and accumulator): the gradient of W[:V]
+    N,  # rows (>= 1)
+    C,  # width
+    V,  # vocabulary predicted
+    stride_x,  # elements between rows of X
+    stride_w,  # elements between rows of W
+    ignore_index,  # targets equal to it give no gradient
+    label_smoothing,  # s
+    smooth_share,  # s / V
+    BLOCK_M: tl.constexpr,  # rows per step of the loop over rows
+    BLOCK_V: tl.constexpr,  # vocabulary entries per program
+    BLOCK_K: tl.constexpr,  # C step of the logits dot
+    BLOCK_C: tl.constexpr,  # columns of DW updated per dot
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"
+):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    scale = tl.load(SCALE)
+    for m in range(0, tl.cdiv(N, BLOCK_M)):
+        rows = m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        row_mask = rows < N
+        targets = tl.load(TARGETS + rows, mask=row_mask, other=ignore_index)
+        valid = row_mask & (targets != ignore_index)
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        z = _logits_tile(X, W, rows, cols, row_mask, col_mask, C, stride_x, stride_w,
+                         BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
+        dz_t = tl.trans(_dlogits_tile(z, lse, targets, valid, cols, col_mask, label_smoothing,
+                                      smooth_share).to(X.dtype.element_ty))  # (BLOCK_V, BLOCK_M)
+        for c in range(0, tl.cdiv(C, BLOCK_C)):
+            cc = c * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_mask = cc < C
+            x = tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=row_mask[:, None] & c_mask[None, :],
+                        other=0.0)
+            update = tl.dot(dz_t, x, input_precision=INPUT_PRECISION) * scale
+            dw_ptrs = DW + cols[:, None] * C + cc[None, :]
+            dw_mask = col_mask[:, None] & c_mask[None, :]
+            # the first row block starts the sum: DW is never read before this program wrote it
+            update += tl.load(dw_ptrs, mask=dw_mask & (m > 0), other=0.0)
+            tl.store(dw_ptrs, update, mask=dw_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Launchers
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int  # rows per tile
+    block_v: int  # vocabulary entries per tile
+    block_k: int  # C step of the logits dot
+    block_c: int  # columns of dx / dW updated per dot in the backward
+    num_warps: int
+    num_stages: int
+
+
+# One tile shape per input dtype (fixed, so the summation order and hence the result never depend
+# on an autotuner's pick), chosen by the compile report: no spills on sm_80 / sm_90 under Triton
+# 3.6 and 3.9 (BLOCK_C=64 for 16-bit, or 4 warps for fp32, spill or sit at 255 registers).
+TILES = {torch.float16: Tiles(64, 128, 64, 32, 8, 3), torch.bfloat16: Tiles(64, 128, 64, 32, 8, 3),
+         torch.float32: Tiles(64, 64, 32, 64, 8, 2)}
+IEEE_TILES = Tiles(32, 64, 16, 32, 8, 2)  # fp32 dots without tf32 run on CUDA cores: operands in registers
+
+
+# The interpreter runs each tile step as Python over numpy, its dots without BLAS: vocabulary tiles
+# this wide keep a step at GPT-2's vocabulary in seconds there (the tests also run the GPU tiles).
+INTERPRETER_BLOCK_V = 2048
+
+
+def tiles_for(dtype: torch.dtype, precision: str) -> Tiles:
+    """The GPU tiles for inputs of `dtype` and dots of `precision` (_input_precision)."""
+    return IEEE_TILES if dtype == torch.float32 and precision == "ieee" else TILES[dtype]
+
+
+def _launch_tiles(dtype: torch.dtype, precision: str, rows: int) -> Tiles:
+    """The tiles a launch over `rows` rows uses: the GPU's; under the interpreter with
+    INTERPRETER_BLOCK_V and no more rows per tile than there are (padding rows cost as real ones)."""
+    tiles = tiles_for(dtype, precision)
+    if not registry.interpreting():
+        return tiles
+    block_m = min(tiles.block_m, max(16, triton.next_power_of_2(rows)))  # 16: tl.dot's smallest
+    return dataclasses.replace(tiles, block_m=block_m, block_v=INTERPRETER_BLOCK_V)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every tensor a kernel of this file writes is allocated here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow PyTorch's matmul setting: tf32 unless float32 matmul precision is 'highest'."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                  label_smoothing: float, vocab: int) -> tuple[int, int]:
+    """(N, C) of 2-D x after the op's checks and Triton's device, dtype and stride rules."""
+    require(x.dim() == 2, f"{OP}: the launchers take x as (N, C) rows, got {checks.describe(x)}")
+    n, c, _ = check(x, weight, targets, ignore_index, label_smoothing, vocab)
+    checks.triton_device(OP, x=x, weight=weight)
+    return n, c
+
+
+def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, vocab: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, divisor) for x (N, C), weight (V_padded, C), targets (N,): the mean loss (fp32),
+    each row's log-sum-exp (N,) fp32 and the count of rows not ignored, at least 1 (fp32), which
+    backward divides by."""
+    n, c = _check_inputs(x, weight, targets, ignore_index, label_smoothing, vocab)
+    check_targets(targets, ignore_index, vocab)
+    targets = targets.contiguous()
+    row_loss = _empty((n,), torch.float32, x.device)
+    lse = _empty((n,), torch.float32, x.device)
+    if n:
+        precision = _input_precision(x.dtype)
+        tiles = _launch_tiles(x.dtype, precision, n)
+        _lce_fwd_kernel[(triton.cdiv(n, tiles.block_m),)](
+            x, weight, targets, row_loss, lse, n, c, vocab, x.stride(0), weight.stride(0), ignore_index,
+            float(label_smoothing), BLOCK_M=tiles.block_m, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
+            INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    divisor = (targets != ignore_index).sum().clamp_min(1).to(torch.float32)
+    return row_loss.sum() / divisor, lse, divisor
+
+
+def linear_cross_entropy_bwd(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             lse: torch.Tensor, divisor: torch.Tensor, ignore_index: int, label_smoothing: float,
+                             vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) in x's and weight's dtypes from the loss gradient dloss (a scalar) and the
+    forward's lse and divisor. Padding rows (>= vocab) of dweight are zero. Deterministic."""
+    n, c = _check_inputs(x, weight, targets, ignore_index, label_smoothing, vocab)
+    require(lse.shape == (n,) and lse.dtype == torch.float32 and lse.device == x.device,
+            f"{OP}: lse must be fp32 ({n},) on {x.device}, got {checks.describe(lse)}")
+    require(dloss.numel() == 1 and divisor.numel() == 1, f"{OP}: dloss and divisor must be scalars")
+    targets = targets.contiguous()
+    dx32 = _empty((n, c), torch.float32, x.device)  # fp32 sum over vocabulary tiles; x's dtype at the end
+    dw = _empty(tuple(weight.shape), weight.dtype, x.device)
+    dw32 = dw[:vocab] if weight.dtype == torch.float32 else _empty((vocab, c), torch.float32, x.device)
+    dw[vocab:].zero_()  # padding rows are never predicted
+    if n == 0:
+        dw.zero_()
+        return dx32.to(x.dtype), dw
+    scale = (dloss.to(torch.float32) / divisor).reshape(1)
+    precision = _input_precision(x.dtype)
+    tiles = _launch_tiles(x.dtype, precision, n)
+    common = dict(BLOCK_M=tiles.block_m, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, BLOCK_C=tiles.block_c,
+                  INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    args = (n, c, vocab, x.stride(0), weight.stride(0), ignore_index, float(label_smoothing),
+            float(label_smoothing) / vocab)
+    _lce_bwd_dx_kernel[(triton.cdiv(n, tiles.block_m),)](x, weight, targets, lse, scale, dx32, *args, **common)
+    _lce_bwd_dw_kernel[(triton.cdiv(vocab, tiles.block_v),)](x, weight, targets, lse, scale, dw32, *args, **common)
+    if weight.dtype != torch.float32:
+        dw[:vocab].copy_(dw32)
+    return dx32.to(x.dtype), dw
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Custom ops (opaque to torch.compile, with fake implementations) and their autograd
+
+
+@torch.library.custom_op("tritongpt::linear_cross_entropy_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+            label_smoothing: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_fwd(x, weight, targets, ignore_index, label_smoothing, vocab)
+
+
+@_fwd_op.register_fake
+def _(x, weight, targets, ignore_index, label_smoothing, vocab):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32),
+            x.new_empty((), dtype=torch.float32))
+
+
+@torch.library.custom_op("tritongpt::linear_cross_entropy_bwd", mutates_args=())
+def _bwd_op(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+            divisor: torch.Tensor, ignore_index: int, label_smoothing: float,
+            vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_bwd(dloss, x, weight, targets, lse, divisor, ignore_index, label_smoothing, vocab)
+
+
+@_bwd_op.register_fake
+def _(dloss, x, weight, targets, lse, divisor, ignore_index, label_smoothing, vocab):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, targets, ignore_index, label_smoothing, vocab = inputs
+    _, lse, divisor = output
+    ctx.mark_non_differentiable(lse, divisor)
+    ctx.save_for_backward(x, weight, targets, lse, divisor)
+    ctx.options = (ignore_index, label_smoothing, vocab)
+
+
+def _backward(ctx, dloss, _dlse, _ddivisor):
+    x, weight, targets, lse, divisor = ctx.saved_tensors
+    dx, dw = _bwd_op(dloss, x, weight, targets, lse, divisor, *ctx.options)
+    return dx, dw, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Public functional, the `triton` backend of op `linear_cross_entropy`
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
+                         label_smoothing: float = 0.0, vocab_limit: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of x @ weight[:vocab_limit]^T against targets, fused (see the module
+    docstring; the contract is kernels/linear_cross_entropy_spec.py). x (..., C) with unit column
+    stride (leading dims are flattened by `reshape`), weight (V_padded, C), targets x's leading
+    shape. Returns the fp32 loss; 0, with zero gradients, when every target is ignore_index."""
+    n, c, vocab = check(x, weight, targets, ignore_index, label_smoothing, vocab_limit)
+    checks.triton_device(OP, x=x, weight=weight)
+    loss, _, _ = _fwd_op(x.reshape(n, c), weight, targets.reshape(n), ignore_index, float(label_smoothing), vocab)
+    return loss
+
+
+registry.register(OP, "triton", linear_cross_entropy, needs="triton", deterministic=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile report: the three kernels for each input dtype (and fp32 dot precision) at its tiles.
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@compile_report.register_variants
+def _variants():
+    scalars = {"N": "i32", "C": "i32", "V": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
+               "label_smoothing": "fp32"}
+    for dtype, ptr in _PTR.items():
+        # fp32 dots: tf32 (training's setting) and ieee (float32 matmul precision 'highest')
+        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
+            tiles = tiles_for(dtype, precision)
+            label = (f"{str(dtype).removeprefix('torch.')}{' ieee' if precision == 'ieee' else ''} "
+                     f"BLOCK_M={tiles.block_m} BLOCK_V={tiles.block_v} BLOCK_K={tiles.block_k}")
+            meta = {"BLOCK_M": tiles.block_m, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k,
+                    "INPUT_PRECISION": precision}
+            yield compile_report.KernelVariant(
+                _lce_fwd_kernel, f"{label} w{tiles.num_warps} s{tiles.num_stages}",
+                {"X": ptr, "W": ptr, "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32", **scalars,
+                 **dict.fromkeys(meta, "constexpr")},
+                meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                aligned=("X", "W", "TARGETS", "LOSS", "LSE", "C", "stride_x", "stride_w"))
+            bwd_meta = {**meta, "BLOCK_C": tiles.block_c}
+            for kernel, out in ((_lce_bwd_dx_kernel, "DX"), (_lce_bwd_dw_kernel, "DW")):
+                yield compile_report.KernelVariant(
+                    kernel, f"{label} BLOCK_C={tiles.block_c} w{tiles.num_warps} s{tiles.num_stages}",
+                    {"X": ptr, "W": ptr, "TARGETS": "*i64", "LSE": "*fp32", "SCALE": "*fp32", out: "*fp32",
+                     **scalars, "smooth_share": "fp32", **dict.fromkeys(bwd_meta, "constexpr")},
+                    bwd_meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                    aligned=("X", "W", "TARGETS", "LSE", out, "C", "stride_x", "stride_w"))
