@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)  # the only positional before its own
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
     except (TritonGPTError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
         print(f"tritongpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"tritongpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    distributed = sys.modules.get("tritongpt.train.distributed")  # imported only by commands that can join one
+    if distributed is not None and distributed.joined_group:
+        distributed.end_worker(code)
+    return code
 
 
 if __name__ == "__main__":
