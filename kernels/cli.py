@@ -3,11 +3,13 @@
     tritongpt kernels list                    # ops and their backends
     tritongpt kernels compile --arch sm_90    # AOT-compile every kernel/config, no GPU needed
     tritongpt kernels compile --arch sm_80 --filter attn
+    tritongpt kernels compile --arch sm_90 --filter attn --emit-table   # regenerate a config table
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                       "memory.")
     comp.add_argument("--arch", default="sm_90", help="sm_80, sm_86, sm_89 or sm_90 (default sm_90)")
     comp.add_argument("--filter", default="", help="only kernels whose name contains this")
+    comp.add_argument("--emit-table", action="store_true",
+                      help="instead of the report, compile every candidate config of the kernels that keep a "
+                           "config table (e.g. attention) and record those that pass for this arch and Triton "
+                           "version in the table's module (kept: entries of other arches and versions)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +40,27 @@ def run(args: argparse.Namespace) -> int:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
         return 0
     from tritongpt.kernels import compile_report
+    if args.emit_table:
+        return _emit_table(args.arch, args.filter)
     rows = compile_report.report(args.arch, args.filter)
     print(compile_report.format_table(rows, args.arch))
     return 0 if rows and all(r.ok for r in rows) else 1
+
+
+def _emit_table(arch: str, name_filter: str) -> int:
+    import triton
+
+    from tritongpt.kernels import compile_report
+    from tritongpt.progress import Progress
+    progress = Progress(1, label=f"emit-table {arch}", stream=sys.stderr)
+
+    def step(done: int, total: int) -> None:
+        progress.total = total
+        progress.update(done, log=done == total or done % 50 == 0)
+
+    written = compile_report.emit_table(arch, name_filter, step)
+    progress.close()
+    for path, kept, compiled in written:
+        print(f"# {path}: {arch}, triton {triton.__version__}: {kept} key/config entries pass ({compiled} variants "
+              f"compiled)")
+    return 0 if written else 1

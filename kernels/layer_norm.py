@@ -6,13 +6,15 @@ where s = x, or s = x + residual for the fused variant (which also returns s, th
 of a pre-LN block). Statistics are fp32 whatever the input dtype (fp32, fp16, bf16).
 
 Layout of this file (Liger-Kernel ladder):
-  1. `@triton.jit` kernels: one program per row (forward), one program per fixed group of rows
-     (backward, writing per-program partial dweight/dbias rows), and a column-block reduction of
-     those partials. Summation orders depend only on the shapes, so gradients are bitwise
-     reproducible run to run.
-  2. launchers `layer_norm_fwd` / `layer_norm_bwd`: validate, allocate, pick the block config
-     from N (`row_config`), launch. Rows up to MAX_BLOCK_N wide are held in registers in one pass;
-     wider rows loop over chunks of MAX_BLOCK_N (statistics pass, then normalize pass).
+  1. `@triton.jit` kernels, on tiles of ROWS rows x BLOCK_N columns (`row_config`), so that narrow
+     rows too move several KB per load. Forward: one tile per program; rows up to MAX_BLOCK_N (8192)
+     wide are one pass (x and residual read once), wider rows loop over chunks (statistics pass,
+     then normalize pass). Backward: a fixed group of rows per program (narrow rows: the next
+     tile's loads issued before this tile's math), dweight/dbias accumulated in registers and
+     written as one partial row per program; a column-block kernel adds the partial rows in order.
+     Summation orders depend only on the shapes and the device: gradients are bitwise reproducible.
+  2. launchers `layer_norm_fwd` / `layer_norm_bwd`: validate, allocate, pick the tile config from N
+     (`row_config`), launch.
   3. torch.library custom ops `tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd` with fake
      implementations and autograd, so torch.compile(fullgraph=True) traces through them.
   4. the public functional `layer_norm`, registered as the `triton` backend of op `layer_norm`.
@@ -45,99 +47,104 @@ def _layer_norm_fwd_kernel(
     RSTD,  # (M,) fp32 output: 1 / sqrt(var + eps) of each row of s
     stride_x_row,  # elements between rows of X
     stride_r_row,  # elements between rows of R
+    M,  # number of rows
     N,  # row length
     eps,  # added to the variance
     HAS_RESIDUAL: tl.constexpr,  # normalize s = X + R and store s to S
     HAS_WEIGHT: tl.constexpr,  # scale by W
     HAS_BIAS: tl.constexpr,  # shift by B
     BLOCK_N: tl.constexpr,  # columns per chunk (power of 2)
+    ROWS: tl.constexpr,  # rows per program (power of 2)
     ONE_PASS: tl.constexpr,  # N <= BLOCK_N: the whole row stays in registers
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_off = row * stride_x_row
-    r_off = row * stride_r_row
-    out_off = row * N  # Y and S are contiguous
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)[:, None]
+    x_off = rows64 * stride_x_row
+    r_off = rows64 * stride_r_row
+    out_off = rows64 * N  # Y and S are contiguous
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        s = _load_row_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
-        mean = tl.sum(s, axis=0) / N
-        centered = tl.where(mask, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-        _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, HAS_WEIGHT, HAS_BIAS)
+        mask = row_mask[:, None] & (cols < N)[None, :]
+        s = _load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+        mean = tl.sum(s, axis=1) / N
+        centered = tl.where(mask, s - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
+        _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, N, HAS_WEIGHT, HAS_BIAS)
     else:
         # statistics pass: combine per-chunk (mean, sum of squared deviations) as in Chan et al.'s
         # parallel variance, which stays accurate where sum(s^2) - N mean^2 would not
-        mean = 0.0
-        m2 = 0.0
+        mean = tl.zeros((ROWS,), dtype=tl.float32)
+        m2 = tl.zeros((ROWS,), dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            s = _load_row_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            s = _load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
             seen = tl.cast(start, tl.float32)  # elements already folded into (mean, m2)
             count = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)
-            chunk_mean = tl.sum(s, axis=0) / count
-            centered = tl.where(mask, s - chunk_mean, 0.0)
+            chunk_mean = tl.sum(s, axis=1) / count
+            centered = tl.where(mask, s - chunk_mean[:, None], 0.0)
             delta = chunk_mean - mean
             mean += delta * count / (seen + count)
-            m2 += tl.sum(centered * centered, axis=0) + delta * delta * seen * count / (seen + count)
+            m2 += tl.sum(centered * centered, axis=1) + delta * delta * seen * count / (seen + count)
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        # normalize pass: re-read s (this program wrote S itself; each thread reads back the
-        # addresses it stored, as both use the same pointer layout)
+        if HAS_RESIDUAL:
+            tl.debug_barrier()  # the normalize pass reads back S, stored by other threads of this program
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = cols < N
+            mask = row_mask[:, None] & (cols < N)[None, :]
             if HAS_RESIDUAL:
-                s = tl.load(S + out_off + cols, mask=mask, other=0.0).to(tl.float32)
+                s = tl.load(S + out_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
-                s = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
-            centered = tl.where(mask, s - mean, 0.0)
-            _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, HAS_WEIGHT, HAS_BIAS)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+                s = tl.load(X + x_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            centered = tl.where(mask, s - mean[:, None], 0.0)
+            _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, N, HAS_WEIGHT, HAS_BIAS)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
-def _load_row_chunk(
+def _load_s_chunk(
     X,  # input rows
     R,  # residual rows (read only if HAS_RESIDUAL)
     S,  # output s rows (written only if HAS_RESIDUAL)
-    x_off,  # offset of this row in X
-    r_off,  # offset of this row in R
-    s_off,  # offset of this row in S
-    cols,  # column indices of this chunk
-    mask,  # cols < N
+    x_off,  # (ROWS, 1) offsets of the rows in X
+    r_off,  # (ROWS, 1) offsets of the rows in R
+    s_off,  # (ROWS, 1) offsets of the rows in S
+    cols,  # (BLOCK_N,) column indices of this chunk
+    mask,  # (ROWS, BLOCK_N) valid elements
     HAS_RESIDUAL: tl.constexpr,  # add R and store the sum to S
 ):
-    """One chunk of s as fp32; with a residual, s = x + r is rounded to the storage dtype (and
-    stored), so the statistics describe exactly the s that is returned."""
-    s = tl.load(X + x_off + cols, mask=mask, other=0.0).to(tl.float32)
+    """One chunk of s as fp32, zero where masked; with a residual, s = x + r is rounded to the
+    storage dtype (and stored), so the statistics describe exactly the s that is returned."""
+    s = tl.load(X + x_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(R + r_off + cols, mask=mask, other=0.0).to(tl.float32)
+        s += tl.load(R + r_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s_stored = s.to(S.dtype.element_ty)
-        tl.store(S + s_off + cols, s_stored, mask=mask)
+        tl.store(S + s_off + cols[None, :], s_stored, mask=mask)
         s = s_stored.to(tl.float32)
     return s
 
 
 @triton.jit
 def _normalize_store_chunk(
-    centered,  # fp32 chunk of s - mean, zero where masked
-    rstd,  # fp32 scalar
+    centered,  # fp32 (ROWS, BLOCK_N) chunk of s - mean, zero where masked
+    rstd,  # fp32 (ROWS,)
     W,  # (N,) weight (read only if HAS_WEIGHT)
     B,  # (N,) bias (read only if HAS_BIAS)
-    y_row,  # pointer to the row of Y
-    cols,  # column indices of this chunk
-    mask,  # cols < N
+    y_rows,  # (ROWS, 1) pointers to the rows of Y
+    cols,  # (BLOCK_N,) column indices of this chunk
+    mask,  # (ROWS, BLOCK_N) valid elements
+    N,  # row length
     HAS_WEIGHT: tl.constexpr,  # scale by W
     HAS_BIAS: tl.constexpr,  # shift by B
 ):
-    y = centered * rstd
+    y = centered * rstd[:, None]
     if HAS_WEIGHT:
-        y *= tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y *= tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_rows + cols[None, :], y.to(y_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -151,6 +158,7 @@ def _layer_norm_bwd_kernel(
     DX,  # (M, N) contiguous output: gradient of s (and so of x and of the residual)
     DW_PARTIAL,  # (programs, N) fp32 output: this program's sum of dy * xhat (if HAS_WEIGHT)
     DB_PARTIAL,  # (programs, N) fp32 output: this program's sum of dy (if HAS_DB)
+    ROW_SUMS,  # (2, M) fp32 scratch: c1, c2 of each row (chunked rows only; None when ONE_PASS)
     stride_dy_row,  # elements between rows of DY
     stride_ds_row,  # elements between rows of DS
     stride_s_row,  # elements between rows of S
@@ -161,105 +169,192 @@ def _layer_norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,  # scale by W, and accumulate partial dweight
     HAS_DB: tl.constexpr,  # accumulate partial dbias
     BLOCK_N: tl.constexpr,  # columns per chunk (power of 2)
-    ONE_PASS: tl.constexpr,  # N <= BLOCK_N: partial sums stay in registers
+    ROWS: tl.constexpr,  # rows per tile (power of 2)
+    ONE_PASS: tl.constexpr,  # N <= BLOCK_N: a tile holds whole rows
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    # dx = (g - (xhat * c1 + c2)) * rstd (+ ds), g = dy * w, c1 = mean(xhat * g), c2 = mean(g) over the row
+    pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    partial_off = pid * N
+    partial_off = pid.to(tl.int64) * N
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for r in range(row_start, row_end):
-            mean = tl.load(MEAN + r)
-            rstd = tl.load(RSTD + r)
-            dy, xhat, g = _bwd_load_chunk(DY + r * stride_dy_row, S + r * stride_s_row, W,
-                                          cols, mask, mean, rstd, HAS_WEIGHT)
-            c1 = tl.sum(xhat * g, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
-            _bwd_store_dx_chunk(g, xhat, c1, c2, rstd, DS, r * stride_ds_row, DX + r * N, cols, mask, HAS_DS)
-            dw_acc += dy * xhat
-            db_acc += dy
+        col_mask = cols < N
+        dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        if ROWS > 1:
+            # narrow rows: the next tile's loads go out before this tile's math (past row_end they
+            # are masked off), as one tile of a few rows holds too few bytes to cover the latency
+            dy, s, mean, rstd = _bwd_load_tile(DY, S, MEAN, RSTD, row_start, row_end, stride_dy_row, stride_s_row,
+                                               cols, col_mask, ROWS)
+            for r0 in range(row_start, row_end, ROWS):
+                dy_next, s_next, mean_next, rstd_next = _bwd_load_tile(
+                    DY, S, MEAN, RSTD, r0 + ROWS, row_end, stride_dy_row, stride_s_row, cols, col_mask, ROWS)
+                dw_acc, db_acc = _bwd_tile(dy, s, mean, rstd, dw_acc, db_acc, r0, row_end, W, DS, DX, stride_ds_row,
+                                           N, cols, col_mask, HAS_WEIGHT, HAS_DS, ROWS)
+                dy, s, mean, rstd = dy_next, s_next, mean_next, rstd_next
+        else:
+            # a one-row tile (N > 2048) already has >= 4 KB per tensor in flight; a second would spill
+            for r0 in range(row_start, row_end):
+                dy, s, mean, rstd = _bwd_load_tile(DY, S, MEAN, RSTD, r0, row_end, stride_dy_row, stride_s_row,
+                                                   cols, col_mask, ROWS)
+                dw_acc, db_acc = _bwd_tile(dy, s, mean, rstd, dw_acc, db_acc, r0, row_end, W, DS, DX, stride_ds_row,
+                                           N, cols, col_mask, HAS_WEIGHT, HAS_DS, ROWS)
         if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + partial_off + cols, dw_acc, mask=mask)
+            tl.store(DW_PARTIAL + partial_off + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if HAS_DB:
-            tl.store(DB_PARTIAL + partial_off + cols, db_acc, mask=mask)
+            tl.store(DB_PARTIAL + partial_off + cols, tl.sum(db_acc, axis=0), mask=col_mask)
     else:
-        for r in range(row_start, row_end):
-            mean = tl.load(MEAN + r)
-            rstd = tl.load(RSTD + r)
-            dy_row = DY + r * stride_dy_row
-            s_row = S + r * stride_s_row
-            # pass 1: the row sums c1 = mean(xhat * g), c2 = mean(g), g = dy * w
-            c1 = 0.0
-            c2 = 0.0
+        # pass 1, row by row: c1 and c2 over the row's chunks, kept in ROW_SUMS
+        for r0 in range(row_start, row_end, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            row_mask = rows < row_end
+            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            c1 = tl.zeros((ROWS,), dtype=tl.float32)
+            c2 = tl.zeros((ROWS,), dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                dy, xhat, g = _bwd_load_chunk(dy_row, s_row, W, cols, mask, mean, rstd, HAS_WEIGHT)
-                c1 += tl.sum(xhat * g, axis=0)
-                c2 += tl.sum(g, axis=0)
-            c1 = c1 / N
-            c2 = c2 / N
-            n_read_back = tl.where(r > row_start, N, 0)  # columns of partial sums so far (none at first)
-            # pass 2: dx, and the partial sums accumulated in this program's own rows of
-            # DW_PARTIAL / DB_PARTIAL, started by its first row (each thread reads back the
-            # addresses it stored itself: load and store use the same pointer layout)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                mask = cols < N
-                dy, xhat, g = _bwd_load_chunk(dy_row, s_row, W, cols, mask, mean, rstd, HAS_WEIGHT)
-                _bwd_store_dx_chunk(g, xhat, c1, c2, rstd, DS, r * stride_ds_row, DX + r * N, cols, mask, HAS_DS)
-                sum_mask = cols < n_read_back
-                if HAS_WEIGHT:
-                    dw = tl.load(DW_PARTIAL + partial_off + cols, mask=sum_mask, other=0.0) + dy * xhat
-                    tl.store(DW_PARTIAL + partial_off + cols, dw, mask=mask)
-                if HAS_DB:
-                    db = tl.load(DB_PARTIAL + partial_off + cols, mask=sum_mask, other=0.0) + dy
-                    tl.store(DB_PARTIAL + partial_off + cols, db, mask=mask)
+                mask = row_mask[:, None] & (cols < N)[None, :]
+                dy, xhat, g = _bwd_load_chunk(DY, S, W, rows, stride_dy_row, stride_s_row, cols, mask, mean, rstd,
+                                              N, HAS_WEIGHT)
+                c1 += tl.sum(xhat * g, axis=1)
+                c2 += tl.sum(g, axis=1)
+            tl.store(ROW_SUMS + rows, c1 / N, mask=row_mask)
+            tl.store(ROW_SUMS + M + rows, c2 / N, mask=row_mask)
+        tl.debug_barrier()  # pass 2 reads back row sums stored by other threads of this program
+        # pass 2, chunk by chunk: dx of every row, and this chunk's dweight/dbias partials in registers
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for r0 in range(row_start, row_end, ROWS):
+                rows = r0 + tl.arange(0, ROWS)
+                row_mask = rows < row_end
+                mask = row_mask[:, None] & (cols < N)[None, :]
+                mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+                rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+                dy, xhat, g = _bwd_load_chunk(DY, S, W, rows, stride_dy_row, stride_s_row, cols, mask, mean, rstd,
+                                              N, HAS_WEIGHT)
+                c1 = tl.load(ROW_SUMS + rows, mask=row_mask, other=0.0)
+                c2 = tl.load(ROW_SUMS + M + rows, mask=row_mask, other=0.0)
+                _bwd_store_dx(g, xhat, c1, c2, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+                dw_acc += dy * xhat
+                db_acc += dy
+            if HAS_WEIGHT:
+                tl.store(DW_PARTIAL + partial_off + cols, tl.sum(dw_acc, axis=0), mask=cols < N)
+            if HAS_DB:
+                tl.store(DB_PARTIAL + partial_off + cols, tl.sum(db_acc, axis=0), mask=cols < N)
+
+
+@triton.jit
+def _bwd_tile(
+    dy,  # (ROWS, BLOCK_N) gradient of Y, storage dtype, zero where masked
+    s,  # (ROWS, BLOCK_N) the normalized input, storage dtype
+    mean,  # fp32 (ROWS,) row means
+    rstd,  # fp32 (ROWS,) row 1/std
+    dw_acc,  # fp32 (ROWS, BLOCK_N) running sum of dy * xhat
+    db_acc,  # fp32 (ROWS, BLOCK_N) running sum of dy
+    r0,  # first row of the tile
+    row_end,  # rows from row_end on are masked off
+    W,  # (N,) weight (read only if HAS_WEIGHT)
+    DS,  # gradient of the S output (read only if HAS_DS)
+    DX,  # (M, N) contiguous output
+    stride_ds_row,  # elements between rows of DS
+    N,  # row length
+    cols,  # (BLOCK_N,) column indices
+    col_mask,  # (BLOCK_N,) cols < N
+    HAS_WEIGHT: tl.constexpr,  # g = dy * w, else g = dy
+    HAS_DS: tl.constexpr,  # add the gradient that reached the S output
+    ROWS: tl.constexpr,  # rows per tile
+):
+    """dx of one tile of whole rows (stored), and the running dweight/dbias sums with it added."""
+    rows = r0 + tl.arange(0, ROWS)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    dy = dy.to(tl.float32)
+    xhat = tl.where(mask, (s.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy
+    if HAS_WEIGHT:  # reloaded per tile (an L1 hit) rather than held: registers are the limit here
+        g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    c1 = tl.sum(xhat * g, axis=1) / N
+    c2 = tl.sum(g, axis=1) / N
+    _bwd_store_dx(g, xhat, c1, c2, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+    return dw_acc + dy * xhat, db_acc + dy
+
+
+@triton.jit
+def _bwd_load_tile(
+    DY,  # gradient of Y
+    S,  # the normalized input s
+    MEAN,  # fp32 row means
+    RSTD,  # fp32 row 1/std
+    r0,  # first row of the tile
+    row_end,  # rows from row_end on are masked off
+    stride_dy_row,  # elements between rows of DY
+    stride_s_row,  # elements between rows of S
+    cols,  # (BLOCK_N,) column indices
+    col_mask,  # (BLOCK_N,) cols < N
+    ROWS: tl.constexpr,  # rows per tile
+):
+    """(dy, s, mean, rstd) of rows r0 .. r0 + ROWS, dy and s in their storage dtype, zero where masked."""
+    rows = r0 + tl.arange(0, ROWS)
+    row_mask = rows < row_end
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0)
+    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    return dy, s, mean, rstd
 
 
 @triton.jit
 def _bwd_load_chunk(
-    dy_row,  # pointer to the row of DY
-    s_row,  # pointer to the row of S
+    DY,  # gradient of Y
+    S,  # the normalized input s
     W,  # (N,) weight (read only if HAS_WEIGHT)
-    cols,  # column indices of this chunk
-    mask,  # cols < N
-    mean,  # fp32 row mean
-    rstd,  # fp32 row 1/std
+    rows,  # (ROWS,) row indices
+    stride_dy_row,  # elements between rows of DY
+    stride_s_row,  # elements between rows of S
+    cols,  # (BLOCK_N,) column indices of this chunk
+    mask,  # (ROWS, BLOCK_N) valid elements
+    mean,  # fp32 (ROWS,) row means
+    rstd,  # fp32 (ROWS,) row 1/std
+    N,  # row length
     HAS_WEIGHT: tl.constexpr,  # g = dy * w, else g = dy
 ):
-    """(dy, xhat, g = dy * w) for one chunk, fp32, all zero where masked."""
-    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+    """(dy, xhat, g = dy * w) for one chunk of rows, fp32, all zero where masked."""
+    rows64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
     g = dy
     if HAS_WEIGHT:
-        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     return dy, xhat, g
 
 
 @triton.jit
-def _bwd_store_dx_chunk(
-    g,  # fp32 chunk of dy * w
-    xhat,  # fp32 chunk of (s - mean) * rstd
-    c1,  # fp32 row mean of xhat * g
-    c2,  # fp32 row mean of g
-    rstd,  # fp32 row 1/std
+def _bwd_store_dx(
+    g,  # fp32 (ROWS, BLOCK_N) dy * w
+    xhat,  # fp32 (ROWS, BLOCK_N) (s - mean) * rstd
+    c1,  # fp32 (ROWS,) row mean of xhat * g
+    c2,  # fp32 (ROWS,) row mean of g
+    rstd,  # fp32 (ROWS,) row 1/std
     DS,  # gradient of the S output (read only if HAS_DS)
-    ds_off,  # offset of this row in DS
-    dx_row,  # pointer to the row of DX
-    cols,  # column indices of this chunk
-    mask,  # cols < N
+    DX,  # (M, N) contiguous output
+    rows,  # (ROWS,) row indices
+    stride_ds_row,  # elements between rows of DS
+    N,  # row length (DX's row stride)
+    cols,  # (BLOCK_N,) column indices of this chunk
+    mask,  # (ROWS, BLOCK_N) valid elements
     HAS_DS: tl.constexpr,  # add the gradient that reached the S output
 ):
-    dx = (g - (xhat * c1 + c2)) * rstd
+    dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
     if HAS_DS:
-        dx += tl.load(DS + ds_off + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_row + cols, dx.to(dx_row.dtype.element_ty), mask=mask)
+        dx += tl.load(DS + rows64 * stride_ds_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -296,11 +391,18 @@ def _layer_norm_bwd_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # 2. Launchers: validate, allocate, pick the config, launch. No autograd.
 
-MAX_BLOCK_N = 4096  # widest row held in registers in one pass; wider rows loop over chunks this wide
-MIN_BLOCK_N = 256  # narrower rows share one config (masked lanes cost nothing that matters)
-REDUCE_BLOCK_P, REDUCE_BLOCK_N, REDUCE_WARPS = 16, 128, 4
-BWD_PROGRAMS_PER_SM = 4  # backward programs per SM (fixed per device: fixed summation order)
-INTERPRETER_BWD_PROGRAMS = 4  # few: the interpreter runs programs one by one; several rows each
+MAX_BLOCK_N = 8192  # widest row held in registers in one pass
+# Wider rows loop over chunks of CHUNK_N columns, 8 per thread: their two-pass backward keeps more
+# live per element (16 per thread spills: sm_80 under Triton 3.9, either arch under 3.6's ptxas).
+CHUNK_N, CHUNK_WARPS = 2048, 8
+MIN_BLOCK_N = 64  # narrower rows share one config (masked lanes cost nothing that matters)
+TILE = 4096  # elements of a (rows, BLOCK_N) tile below MAX_BLOCK_N: narrow rows come several to a tile
+ELEMENTS_PER_THREAD = 16  # of each tensor in a tile: two 16-byte vector loads of 16-bit data
+# The partial-sum reduction: 128 partial rows per step over 32 columns per program, so N = 768 still
+# spreads over 24 programs.
+REDUCE_BLOCK_P, REDUCE_BLOCK_N, REDUCE_WARPS = 128, 32, 4
+BWD_PROGRAMS_PER_SM = 2  # backward programs per SM (fixed per device: fixed summation order)
+INTERPRETER_BWD_PROGRAMS = 4  # few: the interpreter runs programs one by one; several tiles each
 
 
 @dataclass(frozen=True)
@@ -308,14 +410,19 @@ class RowConfig:
     block_n: int  # columns per chunk
     num_warps: int
     one_pass: bool  # the whole row fits one chunk
+    rows: int = 1  # rows per tile
 
 
 def row_config(n: int) -> RowConfig:
-    """The block config the launchers use for rows of length n (also what the compile report
-    compiles, via `row_configs`)."""
-    block_n = min(max(triton.next_power_of_2(n), MIN_BLOCK_N), MAX_BLOCK_N)
-    num_warps = min(max(block_n // 256, 4), 16)  # backward: <= 8 row elements per thread per tensor
-    return RowConfig(block_n, num_warps, n <= block_n)
+    """The tile config the launchers use for rows of length n (also what the compile report
+    compiles, via `row_configs`): whole rows up to MAX_BLOCK_N, several to a tile when narrow, and
+    as many warps as keep ELEMENTS_PER_THREAD (8 warps for a 4096 tile, 16 for 8192 columns);
+    chunks of CHUNK_N beyond."""
+    if n > MAX_BLOCK_N:
+        return RowConfig(CHUNK_N, CHUNK_WARPS, False)
+    block_n = max(triton.next_power_of_2(n), MIN_BLOCK_N)
+    rows = max(TILE // block_n, 1)
+    return RowConfig(block_n, rows * block_n // (32 * ELEMENTS_PER_THREAD), True, rows)
 
 
 def row_configs() -> list[RowConfig]:
@@ -373,19 +480,19 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return y, s, mean, rstd
     r2 = _rows(residual, n) if residual is not None else None
     cfg = row_config(n)
-    _layer_norm_fwd_kernel[(m,)](
+    _layer_norm_fwd_kernel[(triton.cdiv(m, cfg.rows),)](
         x2, r2, weight, bias, y, s if residual is not None else None, mean, rstd,
-        x2.stride(0), r2.stride(0) if r2 is not None else 0, n, eps,
+        x2.stride(0), r2.stride(0) if r2 is not None else 0, m, n, eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
+        BLOCK_N=cfg.block_n, ROWS=cfg.rows, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
     return y, s, mean, rstd
 
 
-def _bwd_programs(m: int, device: torch.device) -> int:
+def _bwd_programs(tiles: int, device: torch.device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(m, BWD_PROGRAMS_PER_SM * sms)
-    return min(m, INTERPRETER_BWD_PROGRAMS)
+        return min(tiles, BWD_PROGRAMS_PER_SM * sms)
+    return min(tiles, INTERPRETER_BWD_PROGRAMS)
 
 
 def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
@@ -426,17 +533,19 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         db.zero_()
         return dx, dw, db
     ds2 = _rows(ds, n) if ds is not None else None
-    programs = _bwd_programs(m, s.device)
-    rows_per_program = triton.cdiv(m, programs)
+    cfg = row_config(n)
+    # whole tiles per program (a partial tile only at the end of M), programs a fixed number per SM
+    programs = _bwd_programs(triton.cdiv(m, cfg.rows), s.device)
+    rows_per_program = triton.cdiv(triton.cdiv(m, programs), cfg.rows) * cfg.rows
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = s.new_empty((programs, n), dtype=torch.float32) if has_dw else None
     db_partial = s.new_empty((programs, n), dtype=torch.float32) if has_bias else None
-    cfg = row_config(n)
+    row_sums = None if cfg.one_pass else s.new_empty((2, m), dtype=torch.float32)
     _layer_norm_bwd_kernel[(programs,)](
-        dy2, ds2, s2, weight, mean, rstd, dx, dw_partial, db_partial,
+        dy2, ds2, s2, weight, mean, rstd, dx, dw_partial, db_partial, row_sums,
         dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, s2.stride(0), m, n, rows_per_program,
         HAS_DS=ds is not None, HAS_WEIGHT=has_dw, HAS_DB=has_bias,
-        BLOCK_N=cfg.block_n, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
+        BLOCK_N=cfg.block_n, ROWS=cfg.rows, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
     if has_dw or has_bias:
         _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
             dw_partial, db_partial, dw if has_dw else None, db if has_bias else None, programs, n,
@@ -525,7 +634,8 @@ registry.register("layer_norm", "triton", layer_norm, needs="triton", determinis
 
 # ----------------------------------------------------------------------------------------------
 # Compile report: every (dtype, row config) the launchers can pick, all features on (the most
-# registers), plus the dweight/dbias reduction.
+# registers), plus the dweight/dbias reduction; pointers, row strides, M and N divisible by 16 as
+# the JIT specializes them for GPT-2 widths (what lets it use vector loads).
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
@@ -535,32 +645,36 @@ def _variants():
     for dtype, ptr in _PTR.items():
         label = str(dtype).removeprefix("torch.")
         for cfg in row_configs():
-            shape = f"BLOCK_N={cfg.block_n} {'one-pass' if cfg.one_pass else 'chunked'} w{cfg.num_warps}"
+            shape = (f"BLOCK_N={cfg.block_n} ROWS={cfg.rows} {'one-pass' if cfg.one_pass else 'chunked'} "
+                     f"w{cfg.num_warps}")
+            tile = {"BLOCK_N": cfg.block_n, "ROWS": cfg.rows, "ONE_PASS": cfg.one_pass}
             yield compile_report.KernelVariant(
                 _layer_norm_fwd_kernel, f"{label} {shape} residual+weight+bias",
                 {"X": ptr, "R": ptr, "W": ptr, "B": ptr, "Y": ptr, "S": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
-                 "stride_x_row": "i32", "stride_r_row": "i32", "N": "i32", "eps": "fp32",
+                 "stride_x_row": "i32", "stride_r_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
                  "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                 "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
-                {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                 "BLOCK_N": cfg.block_n, "ONE_PASS": cfg.one_pass},
-                num_warps=cfg.num_warps, num_stages=1, aligned=("X", "R", "W", "B", "Y", "S"))
+                 "BLOCK_N": "constexpr", "ROWS": "constexpr", "ONE_PASS": "constexpr"},
+                {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile},
+                num_warps=cfg.num_warps, num_stages=1,
+                aligned=("X", "R", "W", "B", "Y", "S", "MEAN", "RSTD", "stride_x_row", "stride_r_row", "M", "N"))
+            row_sums = {} if cfg.one_pass else {"ROW_SUMS": "*fp32"}
             yield compile_report.KernelVariant(
                 _layer_norm_bwd_kernel, f"{label} {shape} ds+weight+bias",
                 {"DY": ptr, "DS": ptr, "S": ptr, "W": ptr, "MEAN": "*fp32", "RSTD": "*fp32", "DX": ptr,
-                 "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                 "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "ROW_SUMS": "*fp32" if row_sums else "constexpr",
                  "stride_dy_row": "i32", "stride_ds_row": "i32", "stride_s_row": "i32",
                  "M": "i32", "N": "i32", "rows_per_program": "i32",
                  "HAS_DS": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_DB": "constexpr",
-                 "BLOCK_N": "constexpr", "ONE_PASS": "constexpr"},
-                {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_DB": True,
-                 "BLOCK_N": cfg.block_n, "ONE_PASS": cfg.one_pass},
+                 "BLOCK_N": "constexpr", "ROWS": "constexpr", "ONE_PASS": "constexpr"},
+                {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_DB": True, **tile,
+                 **({} if row_sums else {"ROW_SUMS": None})},
                 num_warps=cfg.num_warps, num_stages=1,
-                aligned=("DY", "DS", "S", "W", "DX", "DW_PARTIAL", "DB_PARTIAL"))
+                aligned=("DY", "DS", "S", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL", *row_sums,
+                         "stride_dy_row", "stride_ds_row", "stride_s_row", "M", "N"))
         yield compile_report.KernelVariant(
             _layer_norm_bwd_reduce_kernel,
             f"{label} BLOCK_P={REDUCE_BLOCK_P} BLOCK_N={REDUCE_BLOCK_N} w{REDUCE_WARPS} dw+db",
             {"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": ptr, "DB": ptr, "P": "i32", "N": "i32",
              "HAS_DW": "constexpr", "HAS_DB": "constexpr", "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"},
             {"HAS_DW": True, "HAS_DB": True, "BLOCK_P": REDUCE_BLOCK_P, "BLOCK_N": REDUCE_BLOCK_N},
-            num_warps=REDUCE_WARPS, num_stages=1, aligned=("DW_PARTIAL", "DB_PARTIAL", "DW", "DB"))
+            num_warps=REDUCE_WARPS, num_stages=1, aligned=("DW_PARTIAL", "DB_PARTIAL", "DW", "DB", "N"))

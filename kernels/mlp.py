@@ -1,21 +1,28 @@
-"""The GPT-2 feed-forward block, y = gelu(x @ W1^T + b1) @ W2^T + b2 (+ residual), on ONE Triton
-matmul kernel whose epilogue is picked by constexpr flags:
+"""The GPT-2 feed-forward block, y = gelu(x @ W1^T + b1) @ W2^T + b2 (+ residual): Triton where a fused
+epilogue saves a pass over the (M, Hid) activation, cuBLAS where a GEMM has nothing to fuse.
 
-    forward   a  = gelu(x @ W1^T + b1)        epilogue "gelu" (or "gelu_save_h": also writes h)
-              y  = a @ W2^T + b2 (+ r)        epilogue "linear" / "residual"
-    backward  dH = (dY @ W2) * gelu'(h)       epilogue "gelu_grad": dA never makes a pass of its own
-              dx = dH @ W1                    epilogue "linear"
-              dW1 = dH^T x, db1 = sum dH, dW2 = dY^T a, db2 = sum dY   (cuBLAS, see mlp_backward)
+    forward   a  = gelu(x @ W1^T + b1)         Triton, epilogue "gelu" ("gelu_save_h": also writes h)
+              y  = a @ W2^T + b2 (+ residual)   cuBLAS (torch.addmm)
+    backward  dH = (dY @ W2) * gelu'(h)         Triton, epilogue "gelu_grad", which also writes each tile's
+              db1 = sum over rows of dH          column sums of dH; db1 sums those partials in a fixed order
+              dx = dH @ W1, dW1 = dH^T x, dW2 = dY^T a, db2 = sum dY      cuBLAS / torch
 
-Weights stay in nn.Linear layout (out, in); the kernel reads W^T through strides, never a copy.
-`recompute=True` keeps neither h nor a for backward, which recomputes both with the same fused
-kernel (saves 2 * M * hidden activations per block).
+The fused GEMM has two implementations with the same epilogues (`choose_path` picks one per call):
+  "tma"      `_mlp_tma_kernel`, Hopper: persistent (one program per SM walks the tiles in grouped
+             order), operands and outputs through TMA tensor descriptors, the epilogue in column
+             sub-tiles - the design of Triton's persistent-matmul tutorial (09).
+  "pointer"  `_mlp_matmul_kernel`: one program per tile, pointer loads; sm_80, operands TMA cannot
+             address (odd widths, stride-0 grads), and a Triton without host tensor descriptors.
+Weights stay in nn.Linear layout (out, in); neither path copies them. `recompute=True` keeps neither h
+nor a for backward, which recomputes both with the forward's fused kernel (saves 2 * M * Hid
+activations per block). Choosing between this backend and others by measurement is the `auto`
+backend's job; `torch._addmm_activation(..., use_gelu=True)` (cuBLASLt's GELU epilogue) is not used:
+it has not been measured against this kernel.
 
-    python -m pytest -q tests/test_mlp.py                   # CPU: Triton interpreter vs float64
-    python -m pytest -q -m gpu tests/test_mlp.py            # GPU: bf16, GPT-2 sizes
-    tritongpt kernels compile --arch sm_90 --filter mlp_matmul  # AOT compile report, no GPU
+    python -m pytest -q tests/test_mlp.py                        # CPU: Triton interpreter vs float64, both paths
+    python -m pytest -q -m gpu tests/test_mlp.py                 # GPU: bf16, GPT-2 sizes
+    tritongpt kernels compile --arch sm_90 --filter _mlp_        # AOT compile report, no GPU
 """
-
 
 import torch
 import triton
@@ -24,7 +31,10 @@ import triton.language as tl
 from tritongpt.errors import require
 from tritongpt.kernels import checks, compile_report, mlp_spec, registry
 
-EPILOGUES = ("linear", "residual", "gelu", "gelu_save_h", "gelu_grad")
+try:  # host-side TMA descriptors (Triton 3.6 has them); without them every call takes the pointer path
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # GELU constants (fp32): sqrt(2/pi), the cubic coefficient of GPT-2's tanh form, 1/sqrt(2), 1/sqrt(2 pi).
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -32,34 +42,45 @@ _GELU_CUBIC = tl.constexpr(0.044715)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the big tiles feed wgmma / mma on large GEMMs,
-# the small ones keep every SM busy when M (batch * seq) or a width is small.
-_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4),
-          (64, 64, 64, 4, 3), (32, 64, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pointer kernel: at most 64 fp32 accumulators per
+# thread (larger tiles spill in the GELU epilogues, compile report sm_90); the small tiles keep every SM
+# busy when M or a width is small. TMA kernel: tutorial 09's Hopper tiles, wgmma on 128-row tiles.
+_POINTER_TILES = [(128, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                  (32, 64, 32, 4, 4)]
+_TMA_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
 if registry.interpreting():  # the interpreter would time every config on the CPU (Triton 3.6 even a lone
-    _TILES = [_TILES[-1]]  # pruned one), so it gets a single config: the smallest tile
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in _TILES]
+    _POINTER_TILES = [_POINTER_TILES[-1]]  # pruned one), so each kernel gets a single small config
+    _TMA_TILES = [(32, 32, 32, 4, 2)]
+INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: fewer than tiles, so each walks several
 
 
-def _tile(cfg: triton.Config) -> int:
-    return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"]
+def _set_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook of the TMA kernel: the host descriptors take the tile shapes of the config
+    being run (the epilogue stores and loads quarter-width column blocks)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
+    for name in ("c_desc", "aux_desc"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [bm, bn // 4]
 
 
-def _fits_epilogue(cfg: triton.Config, epilogue: str) -> bool:
-    """Epilogues that read or write a second tile or evaluate GELU spill registers (compile report,
-    sm_90) above 64 fp32 accumulators per thread; a plain "linear" store takes any tile."""
-    return epilogue == "linear" or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 64 * 32 * cfg.num_warps
+def _configs(tiles, pre_hook=None) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
+                          pre_hook=pre_hook) for bm, bn, bk, w, s in tiles]
+
+
+_POINTER_CONFIGS = _configs(_POINTER_TILES)
+_TMA_CONFIGS = _configs(_TMA_TILES, pre_hook=_set_block_shapes)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the tiles the epilogue fits, minus tiles far larger than the problem (a 128-row tile
-    for M = 16 wastes 7/8 of it)."""
+    """Drop tiles far larger than the problem (a 128-row tile for M = 16 wastes 7/8 of it)."""
     args = {**named_args, **kwargs}
     m, n, k = (triton.next_power_of_2(args[d]) for d in ("M", "N", "K"))
-    fit = [c for c in configs if _fits_epilogue(c, args["EPILOGUE"]) and c.kwargs["BLOCK_M"] <= max(32, m)
-           and c.kwargs["BLOCK_N"] <= max(64, n) and c.kwargs["BLOCK_K"] <= max(32, k)]
-    return fit or [min(configs, key=_tile)]
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m) and c.kwargs["BLOCK_N"] <= max(64, n)
+           and c.kwargs["BLOCK_K"] <= max(32, k)]
+    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -85,7 +106,47 @@ def _gelu_grad(h, APPROXIMATE: tl.constexpr):
         return (1.0 + tl.erf(h * _INV_SQRT_2)) * 0.5 + h * tl.exp(h * h * -0.5) * _INV_SQRT_2PI
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "EPILOGUE"],
+@triton.jit
+def _tile_coords(
+    tile,  # linear tile index
+    num_pid_m,  # row tiles
+    num_pid_n,  # column tiles
+    GROUP_M: tl.constexpr,  # row tiles walked together
+):
+    """(pid_m, pid_n) of `tile` in grouped order: consecutive tiles sweep GROUP_M row tiles before
+    the next column tile, so a band of A rows and of B columns is reused from L2, not refetched."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % tiles_per_group) % group_rows
+    pid_n = (tile % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _column_sums(
+    acc,  # fp32 (BLOCK_M, width) epilogue result dH
+    rows,  # row index of each row of acc
+    cols,  # column index of each column of acc
+    pid_m,  # the tile's row-tile index
+    col_sum_ptr,  # (cdiv(M, SUM_ROWS), N) fp32 column sums of dH, one row per SUM_ROWS rows of dH
+    M,  # rows of C
+    N,  # columns of C
+    BLOCK_M: tl.constexpr,  # rows of the tile
+    SUM_ROWS: tl.constexpr,  # rows of dH per partial row: the smallest BLOCK_M of the configs
+):
+    """The tile's column sums of dH (rows past M excluded) go to its first partial row, zeros to its
+    other BLOCK_M // SUM_ROWS - 1: every partial row is written whatever BLOCK_M the autotuner runs
+    (benchmark runs included), and db1 adds them in a fixed order - deterministic, no atomics."""
+    col_sum = tl.sum(tl.where(rows[:, None] < M, acc, 0.0), axis=0)
+    part = tl.arange(0, BLOCK_M // SUM_ROWS)
+    part_row = pid_m * (BLOCK_M // SUM_ROWS) + part
+    values = tl.where(part[:, None] == 0, col_sum[None, :], 0.0)
+    mask = (part_row < tl.cdiv(M, SUM_ROWS))[:, None] & (cols < N)[None, :]
+    tl.store(col_sum_ptr + part_row.to(tl.int64)[:, None] * N + cols[None, :], values, mask=mask)
+
+
+@triton.autotune(configs=_POINTER_CONFIGS, key=["M", "N", "K", "EPILOGUE"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _mlp_matmul_kernel(
@@ -93,7 +154,8 @@ def _mlp_matmul_kernel(
     b_ptr,  # B (K, N), any strides: a weight W (N, K) in nn.Linear layout is read as W^T by strides
     c_ptr,  # C (M, N), the output
     bias_ptr,  # (N,) added to every row; read only when HAS_BIAS
-    aux_ptr,  # (M, N): "residual" adds it, "gelu_grad" reads h from it, "gelu_save_h" writes h to it
+    aux_ptr,  # (M, N) h: "gelu_save_h" writes it, "gelu_grad" reads it; None for "gelu"
+    col_sum_ptr,  # (cdiv(M, SUM_ROWS), N) fp32 column sums of dH ("gelu_grad" only; see _column_sums)
     M,  # rows of A and C
     N,  # columns of B and C
     K,  # the reduced dim
@@ -102,25 +164,16 @@ def _mlp_matmul_kernel(
     stride_cm, stride_cn,  # C strides
     stride_xm, stride_xn,  # aux strides
     HAS_BIAS: tl.constexpr,  # add bias_ptr[n] before the epilogue
-    EPILOGUE: tl.constexpr,  # one of EPILOGUES (see fused_matmul)
-    APPROXIMATE: tl.constexpr,  # GELU form of the gelu epilogues: "tanh" or "none" (erf)
+    EPILOGUE: tl.constexpr,  # "gelu", "gelu_save_h" or "gelu_grad" (see _launch)
+    APPROXIMATE: tl.constexpr,  # GELU form: "tanh" or "none" (erf)
     INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"; fp16/bf16 ignore it
     BLOCK_M: tl.constexpr,  # rows of the C tile
     BLOCK_N: tl.constexpr,  # columns of the C tile
     BLOCK_K: tl.constexpr,  # K step of the loop
     GROUP_M: tl.constexpr,  # M tiles walked together so their B columns stay in L2
+    SUM_ROWS: tl.constexpr,  # rows of dH per row of col_sum_ptr
 ):
-    # Grouped program order: consecutive programs sweep GROUP_M row tiles before the next column
-    # tile, so a band of A rows and of B columns is reused from L2 rather than refetched.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -146,24 +199,125 @@ def _mlp_matmul_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_m = offs_m.to(tl.int64)[:, None]
     out_n = offs_n.to(tl.int64)[None, :]
-    aux_ptrs = aux_ptr + out_m * stride_xm + out_n * stride_xn
-    if EPILOGUE == "residual":
-        acc += tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif EPILOGUE == "gelu":
+    if EPILOGUE == "gelu_grad":
+        h = tl.load(aux_ptr + out_m * stride_xm + out_n * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        acc *= _gelu_grad(h, APPROXIMATE)
+        _column_sums(acc, offs_m, offs_n, pid_m, col_sum_ptr, M, N, BLOCK_M, SUM_ROWS)
+    else:
+        if EPILOGUE == "gelu_save_h":
+            tl.store(aux_ptr + out_m * stride_xm + out_n * stride_xn, acc.to(aux_ptr.dtype.element_ty), mask=mask)
         acc = _gelu(acc, APPROXIMATE)
-    elif EPILOGUE == "gelu_save_h":
-        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-        acc = _gelu(acc, APPROXIMATE)
-    elif EPILOGUE == "gelu_grad":
-        acc *= _gelu_grad(tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32), APPROXIMATE)
     tl.store(c_ptr + out_m * stride_cm + out_n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tma_epilogue(
+    acc,  # fp32 (BLOCK_M, WIDTH) part of an accumulator tile
+    pid_m,  # the tile's row-tile index
+    off_m,  # first row of the part
+    off_n,  # first column of the part
+    c_desc,  # C (M, N) descriptor, blocks (BLOCK_M, WIDTH)
+    aux_desc,  # (M, N) h descriptor, blocks (BLOCK_M, WIDTH); None for "gelu"
+    bias_ptr,  # (N,) bias; read only when HAS_BIAS
+    col_sum_ptr,  # (cdiv(M, SUM_ROWS), N) fp32 column sums of dH ("gelu_grad" only)
+    M,  # rows of C
+    N,  # columns of C
+    HAS_BIAS: tl.constexpr,  # add the bias first
+    EPILOGUE: tl.constexpr,  # "gelu", "gelu_save_h" or "gelu_grad"
+    APPROXIMATE: tl.constexpr,  # GELU form
+    BLOCK_M: tl.constexpr,  # rows of the part
+    WIDTH: tl.constexpr,  # columns of the part
+    SUM_ROWS: tl.constexpr,  # rows of dH per row of col_sum_ptr
+):
+    """Bias, then the epilogue, on one column block of a tile; TMA loads h and stores h and C (rows
+    and columns past the edge are clipped by the descriptors)."""
+    cols = off_n + tl.arange(0, WIDTH)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == "gelu_grad":
+        acc *= _gelu_grad(aux_desc.load([off_m, off_n]).to(tl.float32), APPROXIMATE)
+        _column_sums(acc, off_m + tl.arange(0, BLOCK_M), cols, pid_m, col_sum_ptr, M, N, BLOCK_M, SUM_ROWS)
+    else:
+        if EPILOGUE == "gelu_save_h":
+            aux_desc.store([off_m, off_n], acc.to(aux_desc.dtype))
+        acc = _gelu(acc, APPROXIMATE)
+    c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "EPILOGUE", "DTYPE"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _mlp_tma_kernel(
+    a_desc,  # A (M, K) descriptor, blocks (BLOCK_M, BLOCK_K)
+    b_desc,  # B descriptor: over W (N, K), blocks (BLOCK_N, BLOCK_K), when B_NK; else over B (K, N)
+    c_desc,  # C (M, N) output descriptor, blocks (BLOCK_M, BLOCK_N // 4)
+    aux_desc,  # (M, N) h descriptor like c_desc: "gelu_save_h" writes it, "gelu_grad" reads it; None for "gelu"
+    bias_ptr,  # (N,) added to every row; read only when HAS_BIAS
+    col_sum_ptr,  # (cdiv(M, SUM_ROWS), N) fp32 column sums of dH ("gelu_grad" only; see _column_sums)
+    M,  # rows of A and C
+    N,  # columns of B and C
+    K,  # the reduced dim
+    DTYPE: tl.constexpr,  # the operands' dtype, for the autotune key only (descriptors show the autotuner none)
+    B_NK: tl.constexpr,  # B is stored as W (N, K), a weight in nn.Linear layout: its tiles are transposed
+    HAS_BIAS: tl.constexpr,  # add bias_ptr[n] before the epilogue
+    EPILOGUE: tl.constexpr,  # "gelu", "gelu_save_h" or "gelu_grad" (see _launch)
+    APPROXIMATE: tl.constexpr,  # GELU form: "tanh" or "none" (erf)
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"; fp16/bf16 ignore it
+    BLOCK_M: tl.constexpr,  # rows of the C tile
+    BLOCK_N: tl.constexpr,  # columns of the C tile
+    BLOCK_K: tl.constexpr,  # K step of the loop
+    GROUP_M: tl.constexpr,  # M tiles walked together so their B columns stay in L2
+    SUM_ROWS: tl.constexpr,  # rows of dH per row of col_sum_ptr
+    NUM_SMS: tl.constexpr,  # programs launched: each walks tiles start, start + NUM_SMS, ...
+):
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # The epilogue derives its tile from a counter of its own, not the loop's: in the flattened,
+    # software-pipelined loop no value then links one tile's loads to the previous tile's epilogue.
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_am = pid_m * BLOCK_M
+        off_bn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = a_desc.load([off_am, off_k])  # out-of-bounds rows and K columns read as zeros
+            if B_NK:
+                b = b_desc.load([off_bn, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_bn])
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        off_cm = pid_m * BLOCK_M
+        off_cn = pid_n * BLOCK_N
+        # Epilogue in four column quarters, each a TMA block: fewer registers live in the GELU math at a
+        # time and a quarter-tile of shared-memory staging for the TMA stores. acc[:, j * BLOCK_N // 4 + c]
+        # as [m, j // 2, j % 2, c] -> [m, c, j // 2, j % 2]; each split peels the last dim.
+        quarters = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
+        even, odd = tl.split(quarters)  # j % 2 == 0, 1
+        q0, q2 = tl.split(even)
+        q1, q3 = tl.split(odd)
+        _tma_epilogue(q0, pid_m, off_cm, off_cn, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
+                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
+        _tma_epilogue(q1, pid_m, off_cm, off_cn + BLOCK_N // 4, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
+                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
+        _tma_epilogue(q2, pid_m, off_cm, off_cn + BLOCK_N // 2, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
+                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
+        _tma_epilogue(q3, pid_m, off_cm, off_cn + 3 * (BLOCK_N // 4), c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
+                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """Every Triton output of this file is allocated here (the tests poison it with NaN)."""
-    return torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+def _empty(rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every output of the fused kernels is allocated here, in like's dtype unless given (the tests
+    poison it with NaN)."""
+    return torch.empty(rows, cols, dtype=dtype or like.dtype, device=like.device)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -171,60 +325,126 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 epilogue: str = "linear", aux: torch.Tensor | None = None,
-                 approximate: str = "tanh") -> torch.Tensor:
-    """C = a @ b (+ bias), then per element, by `epilogue`:
-        "linear"       C = acc
-        "residual"     C = acc + aux
-        "gelu"         C = gelu(acc)
-        "gelu_save_h"  aux = acc (the pre-activation h, written into the caller's tensor); C = gelu(acc)
-        "gelu_grad"    C = acc * gelu'(aux)
-    a (M, K) and b (K, N) take any strides (pass `w.t()` for a weight in nn.Linear layout);
-    fp32 accumulation; C (M, N) has a's dtype."""
-    require(epilogue in EPILOGUES, f"mlp: unknown epilogue {epilogue!r}; choices: {', '.join(EPILOGUES)}")
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """TMA can address the 2-D tensor t: unit stride in its last dim, other strides positive and
+    multiples of 16 bytes, base 16-byte aligned (cuTensorMapEncodeTiled's rules)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
+def choose_path(*tensors: torch.Tensor) -> str:
+    """"tma" on Hopper (and under the interpreter, which runs descriptors too) when this Triton has
+    host tensor descriptors and TMA can address every operand and output; else "pointer"."""
+    device = tensors[0].device
+    hopper = (torch.cuda.get_device_capability(device)[0] == 9 if device.type == "cuda"
+              else registry.interpreting())
+    return "tma" if TensorDescriptor is not None and hopper and all(map(_tma_addressable, tensors)) else "pointer"
+
+
+def _programs(device: torch.device) -> int:
+    """Persistent programs of the TMA kernel: one per SM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _sum_rows(path: str) -> int:
+    """Rows of dH per partial column-sum row: the smallest BLOCK_M the path's autotuner may run."""
+    return min(c.kwargs["BLOCK_M"] for c in (_TMA_CONFIGS if path == "tma" else _POINTER_CONFIGS))
+
+
+def _check(a_name: str, a: torch.Tensor, w: torch.Tensor, approximate: str, **others: torch.Tensor | None) -> None:
+    """The GELU form, one dtype and device for every tensor, and a dtype and device Triton runs on."""
     require(approximate in mlp_spec.GELU_FORMS,
             f"mlp: approximate must be one of {mlp_spec.GELU_FORMS}, got {approximate!r}")
-    require(a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0],
-            f"mlp: matmul needs (M, K) @ (K, N), got {tuple(a.shape)} @ {tuple(b.shape)}")
-    m, k = a.shape
-    n = b.shape[1]
-    require(bias is None or tuple(bias.shape) == (n,), f"mlp: bias must be ({n},)")
-    require((aux is not None) == (epilogue != "linear" and epilogue != "gelu"),
-            f"mlp: epilogue {epilogue!r} {'needs' if aux is None else 'takes no'} aux tensor")
-    require(aux is None or tuple(aux.shape) == (m, n), f"mlp: aux must be ({m}, {n})")
-    require(k >= 1, "mlp: matmul needs K >= 1")
-    checks.same_kind("mlp", "a", a, b=b, bias=bias, aux=aux)
-    # a and b may have any strides (w.t(), an expanded dy), so no triton_device stride check here
+    checks.same_kind("mlp", a_name, a, w=w, **others)
     require(a.dtype != torch.float64 and (a.device.type == "cuda" or registry.interpreting()),
             f"mlp: triton matmul needs fp32/fp16/bf16 CUDA tensors (or TRITON_INTERPRET=1), "
             f"got {a.dtype} on {a.device}")
-    c = _empty(m, n, a)
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, w_nk: bool, c: torch.Tensor, aux: torch.Tensor | None,
+            bias: torch.Tensor | None, col_sums: torch.Tensor | None, epilogue: str, approximate: str,
+            path: str) -> None:
+    """C = a @ B (+ bias), then per element, by `epilogue`:
+        "gelu"         C = gelu(acc)
+        "gelu_save_h"  aux = acc (h); C = gelu(acc)
+        "gelu_grad"    C = acc * gelu'(aux); col_sums: column sums of C over each tile (see _column_sums)
+    B (K, N) is w itself, or w^T for a weight w (N, K) when w_nk. fp32 accumulation."""
+    m, k = a.shape
+    n = c.shape[1]
+    common = dict(HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
+                  INPUT_PRECISION=_input_precision(a.dtype), SUM_ROWS=_sum_rows(path))
+    if path == "tma":
+        programs = _programs(a.device)
+
+        def desc(t):  # block shapes come from the chosen config (the autotune pre-hook)
+            return None if t is None else TensorDescriptor.from_tensor(t, [1, 1])
+
+        def grid(meta):
+            return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+
+        _mlp_tma_kernel[grid](
+            desc(a), desc(w), desc(c), desc(aux), bias, col_sums, m, n, k,
+            DTYPE=str(a.dtype).removeprefix("torch."), B_NK=w_nk, NUM_SMS=programs, **common)
+        return
+    stride_bk, stride_bn = (w.stride(1), w.stride(0)) if w_nk else (w.stride(0), w.stride(1))
+    _mlp_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+        a, w, c, bias, aux, col_sums, m, n, k, a.stride(0), a.stride(1), stride_bk, stride_bn,
+        c.stride(0), c.stride(1), aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+        **common)
+
+
+def fc_gelu(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, approximate: str = "tanh",
+            save_h: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a, h): a = gelu(h), h = x @ w1^T + b1, from one fused kernel; h is returned (and written)
+    only when save_h. x (M, C) any strides, w1 (Hid, C) in nn.Linear layout."""
+    require(x.dim() == 2 and w1.dim() == 2 and x.shape[1] == w1.shape[1] >= 1,
+            f"mlp: fc needs x (M, C) and w1 (Hid, C), got {tuple(x.shape)} and {tuple(w1.shape)}")
+    _check("x", x, w1, approximate, b1=b1)
+    m, n = x.shape[0], w1.shape[0]
+    require(b1 is None or tuple(b1.shape) == (n,), f"mlp: b1 must be ({n},)")
+    a = _empty(m, n, x)
+    h = _empty(m, n, x) if save_h else None
+    if m > 0:
+        path = choose_path(*(t for t in (x, w1, a, h) if t is not None))
+        _launch(x, w1, True, a, h, b1, None, "gelu_save_h" if save_h else "gelu", approximate, path)
+    return a, h
+
+
+def gelu_grad_matmul(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor,
+                     approximate: str = "tanh") -> tuple[torch.Tensor, torch.Tensor]:
+    """(dH, db1): dH = (dy @ w2) * gelu'(h) from one fused kernel, and db1 = dH summed over rows,
+    from the kernel's per-tile column sums added in a fixed order (deterministic). dy (M, C) any
+    strides, w2 (C, Hid) in nn.Linear layout, h (M, Hid)."""
+    require(dy.dim() == 2 and w2.dim() == 2 and dy.shape[1] == w2.shape[0] >= 1,
+            f"mlp: dH needs dy (M, C) and w2 (C, Hid), got {tuple(dy.shape)} and {tuple(w2.shape)}")
+    _check("dy", dy, w2, approximate, h=h)
+    m, n = dy.shape[0], w2.shape[1]
+    require(tuple(h.shape) == (m, n), f"mlp: h must be ({m}, {n}), got {tuple(h.shape)}")
+    dh = _empty(m, n, dy)
     if m == 0:
-        return c
-    aux_arg = aux if aux is not None else c  # "linear" / "gelu" never touch aux_ptr
+        return dh, dy.new_zeros(n)
+    path = choose_path(dy, w2, h, dh)
+    col_sums = _empty(triton.cdiv(m, _sum_rows(path)), n, dy, torch.float32)
+    _launch(dy, w2, False, dh, h, None, col_sums, "gelu_grad", approximate, path)
+    return dh, col_sums.sum(0).to(dy.dtype)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _mlp_matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, aux_arg, m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        aux_arg.stride(0), aux_arg.stride(1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
-        INPUT_PRECISION=_input_precision(a.dtype))
-    return c
+def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """a @ w^T + bias (+ residual) on cuBLAS: a GEMM with nothing worth fusing (the bias rides in
+    cuBLASLt's epilogue; the residual is one add)."""
+    y = torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
+    return y if residual is None else y.add_(residual)
 
 
 def mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None, residual: torch.Tensor | None, approximate: str,
                 save_h: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """x (M, C) -> (y (M, C), h (M, Hid) or None unless save_h, a = gelu(h) (M, Hid)). Two launches."""
+    """x (M, C) -> (y (M, C), h (M, Hid) or None unless save_h, a = gelu(h) (M, Hid))."""
     mlp_spec.check(x, w1, b1, w2, b2, approximate, residual)
-    h = _empty(x.shape[0], w1.shape[0], x) if save_h else None
-    a = fused_matmul(x, w1.t(), b1, epilogue="gelu_save_h" if save_h else "gelu", aux=h, approximate=approximate)
-    y = fused_matmul(a, w2.t(), b2, epilogue="linear" if residual is None else "residual", aux=residual)
-    return y, h, a
+    a, h = fc_gelu(x, w1, b1, approximate, save_h)
+    return _linear(a, w2, b2, residual), h, a
 
 
 def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
@@ -233,16 +453,11 @@ def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.
     """Gradients (dx, dW1, db1, dW2, db2) of y = gelu(x W1^T + b1) W2^T + b2 given dy (M, C).
     h and a None: recompute both with the forward's fused kernel (the `recompute` mode)."""
     if h is None or a is None:
-        h = _empty(x.shape[0], w1.shape[0], x)
-        a = fused_matmul(x, w1.t(), b1, epilogue="gelu_save_h", aux=h, approximate=approximate)
-    dh = fused_matmul(dy, w2, epilogue="gelu_grad", aux=h, approximate=approximate)  # (M, C) @ (C, Hid)
-    dx = fused_matmul(dh, w1)  # (M, Hid) @ (Hid, C)
-    # Weight and bias gradients reduce over M (batch * seq, the long dim): cuBLAS through
-    # torch.matmul, the known-fast path for these long-K GEMMs (no split-K tuning of our own), and
-    # deterministic, as are the column sums (fp32 accumulation inside torch.sum).
-    dw1 = dh.t() @ x  # (Hid, M) @ (M, C)
-    dw2 = dy.t() @ a  # (C, M) @ (M, Hid)
-    return dx, dw1, dh.sum(0), dw2, dy.sum(0)
+        a, h = fc_gelu(x, w1, b1, approximate, save_h=True)
+    dh, db1 = gelu_grad_matmul(dy, w2, h, approximate)
+    # The GEMMs with nothing to fuse run on cuBLAS; the weight gradients reduce over M (batch *
+    # seq, the long dim), deterministic, as are the column sums (fp32 accumulation in torch.sum).
+    return dh @ w1, dh.t() @ x, db1, dy.t() @ a, dy.sum(0)
 
 
 # ----------------------------------------------------------------------------- custom ops + autograd
@@ -318,30 +533,54 @@ registry.register("mlp", "triton", gelu_mlp, needs="triton", deterministic=True)
 
 # ----------------------------------------------------------------------------- compile report
 
+# (label, epilogue, approximate): what the op launches; fc carries b1, dH none.
+_USES = [("fc", "gelu_save_h", "tanh"), ("fc", "gelu_save_h", "none"), ("fc recompute", "gelu", "tanh"),
+         ("fc recompute", "gelu", "none"), ("dH", "gelu_grad", "tanh"), ("dH", "gelu_grad", "none")]
+
+
+def _variant(kernel, label: str, types: dict[str, str], constexprs: dict, cfg: triton.Config,
+             unit: tuple[str, ...] = (), arches: tuple[int, ...] = ()) -> compile_report.KernelVariant:
+    """One compile-report variant of `kernel`: `types` for the runtime arguments, constexpr for the
+    rest; None arguments are constexpr None (as at runtime), `unit` strides constexpr 1, and every
+    other pointer, size and stride divisible by 16, as the JIT specializes GPT-2 shapes. `arches`:
+    the architectures `choose_path` runs it on (all when empty)."""
+    fn = compile_report.unwrap(kernel)
+    constexprs = {**{a: None for a in fn.arg_names if a not in types}, **dict.fromkeys(unit, 1), **constexprs,
+                  **cfg.kwargs}
+    signature = {a: "constexpr" if a in constexprs else types[a] for a in fn.arg_names}
+    aligned = tuple(a for a, t in signature.items() if t != "constexpr" and not t.startswith("tensordesc"))
+    meta = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
+    return compile_report.KernelVariant(fn, f"{label} {meta} w{cfg.num_warps} s{cfg.num_stages}", signature,
+                                        constexprs, cfg.num_warps, cfg.num_stages, aligned, arches=arches)
+
+
 def _compile_variants():
-    """Every (dtype, epilogue, operand layout) the MLP launches, for each autotune config. Unit
-    strides are constexpr 1 and the rest divisible by 16, as the JIT specializes GPT-2 shapes."""
-    uses = [  # (label, epilogue, approximate, has bias, B is a weight read as W^T by strides)
-        ("fc", "gelu_save_h", "tanh", True, True), ("fc", "gelu_save_h", "none", True, True),
-        ("fc recompute", "gelu", "tanh", True, True), ("fc recompute", "gelu", "none", True, True),
-        ("proj", "linear", "tanh", True, True), ("proj", "residual", "tanh", True, True),
-        ("dH", "gelu_grad", "tanh", False, False), ("dH", "gelu_grad", "none", False, False),
-        ("dx", "linear", "tanh", False, False),
-    ]
-    strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_xm", "stride_xn")
-    for dtype in ("fp16", "bf16"):
-        for label, epilogue, approximate, bias, weight_t in uses:
-            unit = ("stride_ak", "stride_cn", "stride_xn", "stride_bk" if weight_t else "stride_bn")
-            pointers = {p: f"*{dtype}" for p in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "aux_ptr")}
-            ints = {n: "i32" for n in ("M", "N", "K", *strides) if n not in unit}
-            constexprs = {**dict.fromkeys(unit, 1), "HAS_BIAS": bias, "EPILOGUE": epilogue,
-                          "APPROXIMATE": approximate, "INPUT_PRECISION": "tf32"}
-            meta = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-            signature = {**pointers, **ints, **dict.fromkeys((*constexprs, *meta), "constexpr")}
-            gelu = f" {approximate}" if "gelu" in epilogue else ""
-            yield from compile_report.autotune_variants(
-                _mlp_matmul_kernel, signature, constexprs, f"{dtype} {label} {epilogue}{gelu}", (*pointers, *ints),
-                keep=lambda cfg, epilogue=epilogue: _fits_epilogue(cfg, epilogue))
+    """Every (dtype, epilogue) the MLP launches, for each autotune config of both kernels; the TMA
+    kernel (sm_90 only) has descriptors with the config's block shapes and an H100's 132 programs."""
+    for dtype, torch_dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
+        for label, epilogue, approximate in _USES:
+            fc = label.startswith("fc")
+            flags = {"HAS_BIAS": fc, "EPILOGUE": epilogue, "APPROXIMATE": approximate, "INPUT_PRECISION": "tf32"}
+            name = f"{dtype} {label} {epilogue} {approximate}"
+            used = {"bias_ptr": f"*{dtype}"} if fc else {"col_sum_ptr": "*fp32"}
+            sizes = dict.fromkeys(("M", "N", "K"), "i32")
+
+            pointers = ("a_ptr", "b_ptr", "c_ptr") + (("aux_ptr",) if epilogue != "gelu" else ())
+            strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_xm",
+                       "stride_xn")
+            unit = ("stride_ak", "stride_cn", "stride_xn", "stride_bk" if fc else "stride_bn")
+            types = {**used, **sizes, **dict.fromkeys(pointers, f"*{dtype}"), **dict.fromkeys(strides, "i32")}
+            pointer_flags = {**flags, "SUM_ROWS": _sum_rows("pointer")}
+            for cfg in compile_report.autotune_configs(_mlp_matmul_kernel):
+                yield _variant(_mlp_matmul_kernel, f"{name} pointer", types, pointer_flags, cfg, unit)
+
+            tma_flags = {**flags, "DTYPE": torch_dtype, "B_NK": fc, "SUM_ROWS": _sum_rows("tma"), "NUM_SMS": 132}
+            for cfg in compile_report.autotune_configs(_mlp_tma_kernel):
+                bm, bn, bk = (cfg.kwargs[d] for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                blocks = {"a_desc": (bm, bk), "b_desc": (bn, bk) if fc else (bk, bn), "c_desc": (bm, bn // 4)}
+                blocks |= {"aux_desc": (bm, bn // 4)} if epilogue != "gelu" else {}
+                types = {**used, **sizes, **{d: f"tensordesc<{dtype}[{r}, {c}]>" for d, (r, c) in blocks.items()}}
+                yield _variant(_mlp_tma_kernel, f"{name} tma", types, tma_flags, cfg, arches=(90,))
 
 
 compile_report.register_variants(_compile_variants)

@@ -1,6 +1,8 @@
 """Triton flash attention (kernels/attention.py) against the explicit-softmax reference run in
 float64: output, log-sum-exp and dq/dk/dv, over causal / non-causal, ragged lengths, query
-length != key length, grouped-query heads, sliding windows and document masks.
+length != key length, grouped-query heads, sliding windows and document masks; every config the
+pruner keeps for sm_80 or sm_90 (pointer and TMA paths), row offsets past 2^31, and the config
+table's claims (generated under Triton 3.6 and the newest; Hopper tiles that feed the tensor cores).
 
     python -m pytest -q tests/test_attention.py            # CPU: Triton interpreter, fp32/fp16
     python -m pytest -q -m slow tests/test_attention.py    # every head dim, larger shapes
@@ -8,15 +10,19 @@ length != key length, grouped-query heads, sliding windows and document masks.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import attention as attn
-from tritongpt.kernels import attention_spec, registry
+from tritongpt.kernels import attention_spec, attention_table, compile_report, registry
 
 ON_GPU = torch.cuda.is_available()
 CPU = torch.device("cpu")
@@ -53,8 +59,9 @@ def _reference(q, k, v, do, causal, scale, window, docs):
 
 
 def _check(b, t, s, h, h_kv, d, causal, window=None, n_docs=0, dtype=torch.float32, scale=None,
-           device=CPU, seed=0):
-    """Launch forward and backward into NaN-poisoned buffers and compare all five outputs."""
+           device=CPU, seed=0, tf32=None):
+    """Launch forward and backward into NaN-poisoned buffers and compare all five outputs (fp32 at
+    tf32's tolerance on a GPU unless `tf32` says otherwise)."""
     q, k, v, do, docs = _inputs(b, t, s, h, h_kv, d, dtype, device, seed, n_docs)
     softmax_scale = scale if scale is not None else 1 / math.sqrt(d)
     out, lse = poison(torch.empty_like(q)), poison(torch.empty(b, h, t, device=device))
@@ -62,7 +69,7 @@ def _check(b, t, s, h, h_kv, d, causal, window=None, n_docs=0, dtype=torch.float
     dq, dk, dv = (poison(torch.empty_like(x)) for x in (q, k, v))
     attn.flash_attn_bwd(do, q, k, v, out, lse, causal, softmax_scale, window, docs, dq=dq, dk=dk, dv=dv)
     expected = _reference(q, k, v, do, causal, scale, window, docs)
-    limit = tol(dtype, tf32=device.type == "cuda")
+    limit = tol(dtype, tf32=device.type == "cuda" if tf32 is None else tf32)
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), expected):
         assert_rel_close(got, want, limit, name)
 
@@ -229,25 +236,200 @@ def test_preallocated_outputs_are_checked(device):
         attn.flash_attn_fwd(q, k, v, True, 0.25, None, None, out=torch.empty_like(q, dtype=torch.float16))
 
 
-def test_autotune_pruning():
-    """Every kernel keeps a config for every head dim in fp16/bf16, with or without doc ids, and
-    D=256 drops the big tiles; fp32 at D=256 falls back to one single-stage config; short
-    sequences drop long blocks."""
-    tables = {"fwd": attn._FWD_CONFIGS, "dq": attn._DQ_CONFIGS, "dkdv": attn._DKDV_CONFIGS}
+# ----------------------------------------------------------------------------------------------
+# configs: the table, the pruner, every kept config run under the interpreter, TMA, int64 offsets
+# ----------------------------------------------------------------------------------------------
 
-    def prune(kind, dtype, t, s, d, docs=False):
-        q = torch.empty(1, t, 2, d, dtype=dtype)
-        return attn._pruner(kind)(tables[kind], {"Q": q, "HEAD_DIM": d}, t_bucket=t, s_bucket=s, HAS_DOCS=docs)
+ARCHES = ("sm_80", "sm_90")
+CONFIG_KEYS = [(kind, dtypes, d, grouped) for kind in attn.KINDS for dtypes in attn.DTYPE_CLASSES
+               for d in attn.HEAD_DIMS for grouped in (False, True)]
 
-    for kind, configs in tables.items():
-        for d in attn.HEAD_DIMS:
-            for docs in (False, True):
-                assert any(attn.fits(kind, c, d, 2, docs) for c in configs), (kind, d, docs)
-        assert not all(attn.fits(kind, c, 256, 2, False) for c in configs), kind
-        assert [c.num_stages for c in prune(kind, torch.float32, 4096, 4096, 256)] == [1]
-        assert all(c.kwargs["BLOCK_M"] <= 64 for c in prune(kind, torch.float16, 1, 4096, 64))
-        with_docs, plain = (prune(kind, torch.float16, 4096, 4096, 64, docs) for docs in (True, False))
-        assert 1 <= len(with_docs) <= len(plain) and len(plain) > 1
+
+def _kept(kind, arch, dtypes="16-bit", d=64, grouped=False, tma_ok=True, t=4096, s=4096):
+    return attn.kept_configs(kind, arch, dtypes, d, grouped, tma_ok, t, s)
+
+
+def _elements(cfg):
+    return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
+
+
+def test_table_records_triton_36_and_the_newest_for_both_arches():
+    """The table is generated (kernels compile --emit-table) under Triton 3.6, the GPU machine's,
+    and the newest; a config counts only where it passed under both."""
+    for arch in ARCHES:
+        versions = attention_table.PASSED[arch]
+        assert any(v.startswith("3.6.") for v in versions), (arch, sorted(versions))
+        assert any(tuple(map(int, v.split(".")[:2])) >= (3, 9) for v in versions), (arch, sorted(versions))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_every_16_bit_call_keeps_a_config_that_compiled(arch):
+    """Every kernel, head dim and GROUP kind has 16-bit configs that compiled without spills under
+    every recorded Triton version (no fallback); fp32 has them up to head dim 128."""
+    passing = compile_report.passing(attention_table.PASSED, arch)
+    for kind, dtypes, d, grouped in CONFIG_KEYS:
+        if dtypes == "16-bit" or d <= 128:
+            names = passing[attn.table_key(kind, dtypes, d, grouped)]
+            kept = _kept(kind, arch, dtypes, d, grouped)
+            assert names and {attn.config_name(c) for c in kept} <= set(names), (arch, kind, dtypes, d, grouped)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+def test_hopper_backward_keeps_tensor_core_sized_tiles(d, grouped):
+    """sm_90, 16-bit, D = 64 and 128 (GQA or not): dK/dV and dQ keep tiles of at least 32 on both
+    sides and 4096 elements (the tensor cores starve on 16-wide tiles)."""
+    for kind in ("dkdv", "dq"):
+        big = [c for c in _kept(kind, "sm_90", d=d, grouped=grouped)
+               if min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 32 and _elements(c) >= 4096]
+        assert big, (kind, d, grouped)
+
+
+def test_hopper_forward_keeps_128x128_with_tma_at_head_dim_128():
+    kept = _kept("fwd", "sm_90", d=128)
+    assert any(_elements(c) == 128 * 128 and c.kwargs["USE_TMA"] for c in kept), [attn.config_name(c) for c in kept]
+    for d in attn.HEAD_DIMS:  # every head dim: the autotuner can pick TMA on Hopper
+        assert any(c.kwargs["USE_TMA"] for c in _kept("fwd", "sm_90", d=d)), d
+
+
+def test_pruner_rules():
+    """TMA configs only on sm_90 and only for tensors that suit descriptors; no block longer than
+    the (power-of-two) sequence beyond 64; the GPU's shared memory bounds the configs."""
+    for arch in ARCHES:
+        for kind in attn.KINDS:
+            assert not any(c.kwargs.get("USE_TMA") for c in _kept(kind, arch, tma_ok=False))
+            short = _kept(kind, arch, t=16, s=4096)
+            assert short and all(c.kwargs["BLOCK_M"] <= 64 for c in short), kind
+    assert not any(c.kwargs.get("USE_TMA") for kind in attn.KINDS for c in _kept(kind, "sm_80"))
+    assert not any(c.kwargs.get("USE_TMA") for kind in attn.KINDS for c in _kept(kind, "sm_86"))
+    small = attn.kept_configs("fwd", "sm_90", "16-bit", 128, False, True, 4096, 4096, shared_limit=101376)
+    assert small and len(small) < len(_kept("fwd", "sm_90", d=128))
+
+
+def test_no_table_entry_falls_back_to_the_smallest_single_stage_config():
+    kept = attn.kept_configs("dkdv", "sm_90", "16-bit", 48, False, True, 4096, 4096)  # no such head dim
+    assert [(_elements(c), c.num_stages) for c in kept] == [(_elements(attn._smallest("dkdv", "16-bit")), 1)]
+
+
+def _union_of_kept_configs(kind):
+    """Every config the pruner keeps on sm_80 or sm_90 for any dtype, head dim and GROUP, once per
+    (BLOCK_M, BLOCK_N, USE_TMA): warps and stages do not exist in the interpreter."""
+    seen = {}
+    for arch in ARCHES:
+        for _, dtypes, d, grouped in CONFIG_KEYS:
+            for cfg in _kept(kind, arch, dtypes, d, grouped):
+                seen.setdefault(tuple(sorted(cfg.kwargs.items())), cfg)
+    return list(seen.values())
+
+
+def _pinned_rounds():
+    """Rounds of (fwd, dq, dkdv) configs covering every kept config of every kernel."""
+    union = {kind: _union_of_kept_configs(kind) for kind in attn.KINDS}
+    rounds = max(len(configs) for configs in union.values())
+    return [{kind: configs[i % len(configs)] for kind, configs in union.items()} for i in range(rounds)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's check; on a GPU the autotuner runs these configs")
+@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: " ".join(attn.config_name(c) for c in r.values()))
+def test_every_kept_config_runs_correctly_under_the_interpreter(configs):
+    """Each tile and load path the real pruner can pick (union of sm_80 and sm_90) on a ragged GQA
+    case with T != S that crosses a 128-key block and keeps every mask region busy."""
+    with attn.pinned_configs(**configs):
+        _check(1, 70, 150, 2, 1, 16, True, 100, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: " ".join(attn.config_name(c) for c in r.values()))
+@pytest.mark.parametrize("shape", [(1, 150, 150, 2, 2, 64, False, None, 0), (2, 130, 257, 4, 2, 80, True, None, 3),
+                                   (1, 129, 129, 2, 1, 128, True, 50, 0)])
+def test_every_kept_config_on_more_shapes(configs, shape, device):
+    with attn.pinned_configs(**configs):
+        _check(*shape, device=device)
+
+
+def test_tma_path_on_packed_views_gqa_padded_head_dim(device):
+    """Tensor-descriptor loads and stores (forward, dQ) on q, k, v views of one packed tensor,
+    GQA, a head dim padded to a power of two, T < S with a window and doc ids."""
+    tma = {"fwd": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": True}),
+           "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "USE_TMA": True})}
+    gen = torch.Generator().manual_seed(10)
+    b, t, h, h_kv, d = 1, 90, 4, 2, 80
+    qkv = torch.randn(b, t, h + 2 * h_kv, d, generator=gen).to(device)
+    q, k, v = qkv[:, 20:, :h], qkv[:, :, h:h + h_kv], qkv[:, :, h + h_kv:]
+    assert attn._suits_tma(q, k, v)
+    do = torch.randn(q.shape, generator=gen).to(device)
+    docs = _doc_ids(b, t, 2, gen, device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with attn.pinned_configs(**tma):
+        out = attn.flash_attention(q, k, v, causal=True, window=30, doc_ids=docs)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    ref, _, *grads = _reference(q, k, v, do, True, None, 30, docs)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, *grads)):
+        assert_rel_close(got, want, tol(torch.float32, tf32=ON_GPU), name)
+
+
+def test_tensors_that_do_not_suit_descriptors_take_pointer_configs(device):
+    """A view 8 bytes off alignment, a head stride that is not a multiple of 16 bytes, or an
+    expanded sequence axis: no TMA (the pruner drops those configs); the result is still right."""
+    base = torch.randn(1, 40, 2, 20, device=device)
+    assert attn._suits_tma(base[..., :16])
+    assert not attn._suits_tma(base[..., 2:18])  # data pointer 8 bytes into a row
+    assert not attn._suits_tma(torch.randn(1, 40, 2, 18, device=device)[..., :16])  # 72-byte head stride
+    assert not attn._suits_tma(torch.randn(1, 1, 2, 16, device=device).expand(1, 40, 2, 16))
+    q, k, v = base[..., 2:18], base[..., 1:17], base[..., :16]
+    out = attn.flash_attention(q, k, v)
+    assert_rel_close(out, attention_spec.reference(q.double(), k.double(), v.double()),
+                     tol(torch.float32, tf32=ON_GPU), "out")
+
+
+@pytest.mark.skipif(ON_GPU, reason="CPU interpreter check; the GPU version is test_long_packed_sequence_on_gpu")
+def test_row_offsets_past_2_to_the_31():
+    """T x sequence stride > 2^31 elements (a long packed QKV sequence): offsets are int64. The
+    views share one 4.4 GB buffer of which only the rows read are ever touched."""
+    t, stride, d, window = 2100, 1 << 20, 16, 40
+    assert (t - 1) * stride >= 2**31
+    buf = torch.empty(t * stride, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.as_strided(buf, (1, t, 1, d), (0, stride, d, 1), i * d) for i in range(3))
+    for x in (q, k, v):
+        x.copy_(torch.randn(x.shape, generator=gen).half())
+    do = torch.randn(1, t, 1, d, generator=gen).half()
+    out, lse = attn.flash_attn_fwd(q, k, v, True, 0.25, window, None)
+    dq, dk, dv = attn.flash_attn_bwd(do, q, k, v, out, lse, True, 0.25, window, None)
+    ref, _, *grads = _reference(q, k, v, do, True, 0.25, window, None)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, *grads)):
+        assert_rel_close(got, want, tol(torch.float16), name)
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    """'highest' float32 matmul precision means IEEE dots (as PyTorch's own fp32 matmuls), else
+    tf32; the precision is a table key and an autotune key."""
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert attn._input_precision(torch.float32) == "ieee"
+    assert attn._input_precision(torch.bfloat16) == "tf32"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert attn._input_precision(torch.float32) == "tf32"
+    assert attn.dtype_class(torch.float32, "ieee") == "fp32-ieee"
+    assert all("INPUT_PRECISION" in kernel.keys for kernel in attn._KERNELS.values())
+
+
+def test_autotune_choice_is_cached_on_disk_where_triton_can():
+    """Two processes on one GPU must run the same configs: each kernel's autotuner caches its
+    choice on disk (Triton >= 3.3's cache_results), and no config has a pre_hook (which would
+    disable that cache). Checked outside the interpreter, where the cache applies."""
+    code = ("from tritongpt.kernels import attention as a\n"
+            "print([(k.cache_results, any(c.pre_hook for c in k.configs)) for k in a._KERNELS.values()])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == str([(True, False)] * 3)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan")])
+def test_softmax_scale_must_be_positive(scale, device):
+    q, k, v = _qkv(device)
+    with pytest.raises(TritonGPTError, match="softmax_scale"):
+        attn.flash_attention(q, k, v, softmax_scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,3 +515,53 @@ def test_long_backward_is_deterministic_on_gpu():
     second = attn.flash_attn_bwd(do, q, k, v, out, lse, True, 0.1, None, docs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_every_kept_config_on_gpu():
+    """Each config the pruner keeps on this GPU (bf16, D = 64 and 128, GQA, causal with doc ids),
+    pinned one at a time: every tile and load path the autotuner may pick is right."""
+    device = torch.device("cuda")
+    arch, shared = attn._device_arch(device)
+    for d in (64, 128):
+        union = {kind: attn.kept_configs(kind, arch, "16-bit", d, True, True, 1024, 1024, shared)
+                 for kind in attn.KINDS}
+        q, k, v, do, docs = _inputs(2, 1000, 1000, 4, 2, d, torch.bfloat16, device, seed=12, n_docs=3)
+        expected = _reference(q, k, v, do, True, None, None, docs)
+        for i in range(max(len(c) for c in union.values())):
+            configs = {kind: cs[i % len(cs)] for kind, cs in union.items()}
+            with attn.pinned_configs(**configs):
+                out, lse = attn.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(d), None, docs)
+                grads = attn.flash_attn_bwd(do, q, k, v, out, lse, True, 1 / math.sqrt(d), None, docs)
+            label = " ".join(attn.config_name(c) for c in configs.values())
+            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected[0], *expected[2:])):
+                assert_rel_close(got, want, tol(torch.bfloat16), f"{name} [{label}]")
+
+
+@pytest.mark.gpu
+def test_fp32_highest_precision_is_ieee_on_gpu():
+    """With float32 matmul precision 'highest' the kernels use IEEE dots: fp32's 1e-5, not tf32's 1e-3."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _check(1, 300, 300, 4, 2, 64, True, None, 2, torch.float32, device=torch.device("cuda"), tf32=False)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.mark.gpu
+def test_long_packed_sequence_on_gpu():
+    """Packed QKV at H * D = 4096 and T = 175k: T x sequence stride passes 2^31 elements. A
+    window keeps it fast; the last 512 queries are checked against the reference."""
+    device = torch.device("cuda")
+    t, h, d, window, tail = 175_000, 32, 128, 256, 512
+    gen = torch.Generator(device).manual_seed(13)
+    qkv = torch.randn(1, t, 3, h, d, generator=gen, device=device, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    assert (t - 1) * q.stride(1) >= 2**31
+    out = attn.flash_attention(q, k, v, causal=True, window=window)
+    keys = slice(t - tail - window, t)
+    ref = attention_spec.reference(q[:, -tail:].double(), k[:, keys].double(), v[:, keys].double(), True, None,
+                                   window)
+    assert_rel_close(out[:, -tail:], ref, tol(torch.bfloat16), "out tail")
+    assert torch.isfinite(out).all()

@@ -1,5 +1,5 @@
-"""The `tritongpt` command: help for every (sub)command, `kernels list` / `kernels compile`, and
-bad input reported as one line with exit code 2.
+"""The `tritongpt` command: help for every (sub)command, `kernels list` / `kernels compile` (and
+`--emit-table` on a toy config table), and bad input reported as one line with exit code 2.
 
     python -m pytest -q tests/test_cli_kernels.py
 """
@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 from tritongpt import cli
 from tritongpt.kernels import registry
@@ -141,3 +142,50 @@ def test_top_level_help_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
+
+
+# A kernel file with a config table: three candidate blocks, one of which (100, not a power of
+# two) cannot compile.
+TOY_TABLE = '''
+from pathlib import Path
+
+import triton
+import triton.language as tl
+
+from tritongpt.kernels import compile_report
+
+
+@triton.jit
+def _toy_table_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * 2, mask=offs < N)
+
+
+def _candidates(arch):
+    for block in (64, 100, 128):
+        yield compile_report.jit_variant(_toy_table_kernel, f"BLOCK={block}", {"X": "*fp32", "Y": "*fp32", "N": 4096},
+                                         {"BLOCK": block}, table_entry=(f"toy {arch}", f"BLOCK={block}"))
+
+
+compile_report.register_table(Path(__file__).with_name("toy_table.py"), _candidates)
+'''
+
+
+def test_kernels_compile_emit_table(tmp_path):
+    """--emit-table compiles a table's candidates and records those that pass under this arch and
+    Triton version; a second arch joins the same module without replacing the first."""
+    (tmp_path / "toy_kernel.py").write_text(TOY_TABLE)
+    run = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import toy_kernel; from tritongpt.cli import main; "
+           "sys.exit(main(sys.argv[1:]))")
+    for arch in ("sm_80", "sm_90"):
+        out = subprocess.run([sys.executable, "-c", run, "kernels", "compile", "--arch", arch, "--filter",
+                              "_toy_table", "--emit-table"], capture_output=True, text=True,
+                             env=without_interpreter(), timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.stdout.splitlines()[-1].endswith(f"toy_table.py: {arch}, triton {triton.__version__}: "
+                                                    "2 key/config entries pass (3 variants compiled)")
+    from tritongpt.kernels import compile_report
+    table = compile_report._read_table(tmp_path / "toy_table.py")
+    for arch in ("sm_80", "sm_90"):
+        assert set(table[arch][triton.__version__]) == {f"toy {arch}"}
+        assert set(compile_report.passing(table, arch)[f"toy {arch}"]) == {"BLOCK=64", "BLOCK=128"}

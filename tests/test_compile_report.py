@@ -1,6 +1,9 @@
 """Ahead-of-time compile report (kernels/compile_report.py): the LayerNorm kernels compile for
 sm_90 within its limits, every registered kernel compiles in at least one config (every config,
-for sm_90 and sm_80, under -m slow), and a broken variant is a failed row, not a crash.
+for sm_90 and sm_80, under -m slow), a broken variant is a failed row, not a crash; what the
+report reads from PTX (smallest wgmma/mma N, TMA, widest load), variants specialized like the
+JIT's, config tables (intersection over Triton versions, module round trip), and the attention
+configs that carry the Hopper claims compile for sm_90 (CI runs that test under Triton 3.6 too).
 
     python -m pytest -q tests/test_compile_report.py
 
@@ -14,9 +17,10 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import compile_report
+from tritongpt.kernels import attention, compile_report
 from tritongpt.kernels import layer_norm as ln
 
 LAYER_NORM_KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_bwd_reduce_kernel"}
@@ -126,3 +130,122 @@ def test_full_report_passes(arch):
     head = next(line for line in out.stdout.splitlines() if line.startswith("# compile report"))
     done, total = head.split(": ")[1].split(" ")[0].split("/")
     assert done == total and int(total) > 100, head
+
+
+# ----------------------------------------------------------------------------------------------
+# What the report reads from PTX, how variants are specialized, config tables
+# ----------------------------------------------------------------------------------------------
+
+PTX = """
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 1;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f2}, %rd3, %rd4, 1, 1, 1, 0, 1;
+    cp.async.cg.shared.global [ %r1 + 0 ], [ %rd5 + 0 ], 0x10, %r2;
+    cp.async.ca.shared.global [ %r3 + 0 ], [ %rd6 + 0 ], 8, %r4;
+    ld.global.nc.v2.b32 { %r5, %r6 }, [ %rd7 + 0 ];
+    ld.global.b64 %rd8, [ %rd9 + 0 ];
+    cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r7], [%rd10, {%r8, %r9}], [%r10];
+"""
+
+
+def test_ptx_features():
+    assert compile_report.ptx_features(PTX) == {"tensor_cores": "wgmma", "mma_n": 64, "tma": True, "load_bits": 128}
+    ampere = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f2};\n" \
+             "ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\nld.global.b16 %rs1, [ %rd2 + 0 ];"
+    assert compile_report.ptx_features(ampere) == {"tensor_cores": "mma", "mma_n": 8, "tma": False, "load_bits": 128}
+    assert compile_report.ptx_features("ld.global.b16 %rs1, [ %rd2 + 0 ];") == {
+        "tensor_cores": "", "mma_n": None, "tma": False, "load_bits": 16}
+
+
+def test_jit_variant_specializes_like_the_jit():
+    """Integer 1 becomes the constant 1, multiples of 16 are divisible by 16 (sizes and strides
+    alike), values past int32 are i64, pointers are aligned: what Triton's JIT does for a call."""
+    kernel = attention._attn_bwd_preprocess_kernel
+    args = {"Out": "*bf16", "DOut": "*bf16", "Delta": "*fp32", "stride_ob": 1, "stride_ot": 2048, "stride_oh": 64,
+            "stride_dob": 2**33, "stride_dot": 48, "stride_doh": 17, "H": 32, "T": 4096}
+    consts = {"HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_M": 128}
+    variant = compile_report.jit_variant(kernel, "label", args, consts, num_warps=8, num_stages=1)
+    assert variant.signature["stride_ob"] == "constexpr" and variant.constexprs["stride_ob"] == 1
+    assert variant.signature["stride_dob"] == "i64" and variant.signature["stride_doh"] == "i32"
+    assert {"Out", "DOut", "Delta", "stride_ot", "stride_oh", "stride_dob", "stride_dot", "H", "T"} == set(
+        variant.aligned)
+    assert (variant.num_warps, variant.num_stages) == (8, 1)
+    assert compile_report.jit_variant(kernel, "label", {**args, "T": 0.5}, consts).signature["T"] == "fp32"
+    with pytest.raises(TritonGPTError, match="no example value for argument 'T'"):
+        compile_report.jit_variant(kernel, "label", {k: a for k, a in args.items() if k != "T"}, consts)
+    native = getattr(triton.runtime.jit, "native_specialize_impl", None)  # Triton 3.6 .. 3.9
+    if native is not None:  # the same answers as Triton's own specialization, where it exposes it
+        from triton.backends.compiler import BaseBackend
+        for value in (1, 16, 17, 2**31, 2**33 + 8):
+            theirs = native(BaseBackend, value, False, True, True)
+            ours = compile_report.jit_variant(kernel, "label", {**args, "T": value}, consts)
+            assert (ours.signature["T"], "T" in ours.aligned) == (theirs[0], theirs[1] == "D"), value
+
+
+def test_passing_is_the_intersection_over_triton_versions():
+    table = {"sm_90": {"3.6.0": {"a": {"x": 100, "y": 200}, "b": {"x": 1}, "c": {}},
+                       "3.9.0": {"a": {"x": 120, "z": 5}, "b": {}, "c": {"x": 2}}}}
+    assert compile_report.passing(table, "sm_90") == {"a": {"x": 120}, "b": {}, "c": {}}
+    assert compile_report.passing(table, "sm_80") == {}
+
+
+def test_table_module_round_trip(tmp_path):
+    table = {"sm_80": {"3.6.0": {"fwd 16-bit D=64": {"64x64 w4 s3": 57344}}}}
+    path = tmp_path / "some_table.py"
+    compile_report.write_table(path, table, "some")
+    assert compile_report._read_table(path) == table
+    namespace = {}
+    exec(path.read_text(), namespace)
+    assert namespace["PASSED"] == table
+    assert "--filter some --emit-table" in namespace["__doc__"]
+
+
+# Child process: sm_90 compiles of the attention configs that carry the Hopper claims (what CI
+# also runs under Triton 3.6): per kernel and head dim 64 / 128 (bf16, causal, T = S = 1024) the
+# biggest kept tile, and the forward's 128x128 TMA tile at head dim 128.
+ATTENTION_HOPPER = """
+import dataclasses, json
+from tritongpt.kernels import attention as a, compile_report as cr
+rows = []
+for kind in a.KINDS:
+    for d in (64, 128):
+        kept = a.kept_configs(kind, "sm_90", "16-bit", d, False, True, 1024, 1024)
+        big = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], bool(c.kwargs.get("USE_TMA"))))
+        picks = [big] + [c for c in kept if kind == "fwd" and d == 128 and c.kwargs["BLOCK_M"] == 128
+                         and c.kwargs["BLOCK_N"] == 128 and c.kwargs["USE_TMA"] and c is not big][:1]
+        for cfg in picks:
+            row = cr.compile_variant(a._variant(kind, "bf16", d, True, False, False, 1, cfg), 90)
+            rows.append(dict(dataclasses.asdict(row), kind=kind, d=d, m=cfg.kwargs["BLOCK_M"], n=cfg.kwargs["BLOCK_N"]))
+print(json.dumps(rows))
+"""
+
+
+def test_attention_hopper_configs_compile():
+    out = subprocess.run([sys.executable, "-c", ATTENTION_HOPPER], capture_output=True, text=True,
+                         env=compile_env(), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in rows:
+        label = f"{r['kind']} D={r['d']} [{r['config']}]"
+        assert r["ok"] and r["spill_bytes"] == 0, f"{label}: {r['error']}"
+        assert r["tensor_cores"] == "wgmma", label
+        if r["kind"] != "fwd":
+            assert min(r["m"], r["n"]) >= 32 and r["m"] * r["n"] >= 4096, label
+    fwd_128 = [r for r in rows if r["kind"] == "fwd" and r["d"] == 128 and r["m"] == r["n"] == 128]
+    assert fwd_128 and all(r["tma"] for r in fwd_128), fwd_128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_attention_report_passes(arch):
+    """`tritongpt kernels compile --arch ARCH --filter attn`: every config the pruner keeps compiles
+    without spills; on sm_90 every forward variant has a TMA config."""
+    out = subprocess.run([sys.executable, "-m", "tritongpt", "kernels", "compile", "--arch", arch, "--filter", "attn"],
+                         capture_output=True, text=True, env=compile_env(), timeout=3000)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()
+    assert ", 0 with spills" in lines[0], lines[0]
+    if arch == "sm_90":
+        fwd = [line for line in lines[3:] if line.startswith("_attn_fwd_kernel")]
+        variants = {" ".join(line.split()[1:4]) for line in fwd}  # dtype, head dim, masks
+        with_tma = {" ".join(line.split()[1:4]) for line in fwd if " tma " in line}
+        assert variants and variants == with_tma, variants - with_tma

@@ -103,7 +103,7 @@ def check_all(ours, expected, dtype, n, ds=None):
             assert_rel_close(a, e.reshape(a.shape), tol(dtype), name)
 
 
-WIDTHS = [1, 7, 768, 1000, 4099]  # 4099: two chunks, the second 3 wide
+WIDTHS = [1, 7, 768, 1000, 4099]  # 1, 7: 64 rows to a tile; 768, 1000: 4; 4099: one row in 8192 columns
 
 
 @pytest.mark.parametrize("n,rows,dtype", [(n, rows, torch.float32) for n in WIDTHS for rows in (1, 3, 37)]
@@ -136,14 +136,35 @@ def test_eps_is_used(device):
     check_all(ours, float64_reference(**inp, eps=1e-3), torch.float32, 100)
 
 
-def test_chunked_rows_wider_than_one_block(device):
-    """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass); 5
-    rows over the backward's programs (4 under the interpreter) make a program sum several rows'
-    partial dweight/dbias."""
+def test_one_pass_up_to_8192():
+    """Rows up to 8192 wide are read once (one pass), more warps for wider rows; narrow rows come
+    several to a tile."""
+    assert ln.row_config(8192).one_pass and not ln.row_config(8193).one_pass
+    assert ln.row_config(8192).num_warps > ln.row_config(1024).num_warps
+    assert ln.row_config(768).rows > 1 and ln.row_config(8192).rows == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_chunked_rows_wider_than_one_pass(dtype, device):
+    """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass, which
+    reads back the s it stored; backward: row sums, then chunk by chunk); 5 rows over the
+    backward's programs (4 under the interpreter) make a program handle several rows."""
     n = 2 * ln.MAX_BLOCK_N + 5
     assert not ln.row_config(n).one_pass
-    inp = make_inputs((5,), n, torch.float32, device, residual=True, seed=11)
-    check_all(run_launchers(**inp), float64_reference(**inp), torch.float32, n, inp["ds"])
+    inp = make_inputs((5,), n, dtype, device, residual=True, seed=11)
+    check_all(run_launchers(**inp), float64_reference(**inp), dtype, n, inp["ds"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,rows", [(200, 150), (60, 601)])
+def test_backward_programs_walk_several_tiles(n, rows, dtype, device):
+    """Narrow rows: tiles of 16 (N = 200) or 64 (N = 60) rows, several tiles per backward program
+    (each loading the next while computing this one), a program's last tile cut short by its row
+    range, and the last program's by M."""
+    cfg = ln.row_config(n)
+    assert rows > 2 * ln.INTERPRETER_BWD_PROGRAMS * cfg.rows and rows % cfg.rows
+    inp = make_inputs((rows,), n, dtype, device, residual=True, seed=n + rows)
+    check_all(run_launchers(**inp), float64_reference(**inp), dtype, n, inp["ds"])
 
 
 @pytest.mark.slow
