@@ -241,7 +241,7 @@ def _arch_number(arch: str) -> int:
 
 def report(arch: str, name_filter: str = "") -> list[CompileRow]:
     number = _arch_number(arch)
-    return [compile_variant(v, number) for v in variants()
+    return [compile_variant(v, number) for v in variants(arch)
             if name_filter in (v.name or v.kernel.__name__) and (not v.arches or number in v.arches)]
 
 

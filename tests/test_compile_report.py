@@ -181,6 +181,25 @@ def test_jit_variant_specializes_like_the_jit():
             assert (ours.signature["T"], "T" in ours.aligned) == (theirs[0], theirs[1] == "D"), value
 
 
+def test_report_compiles_the_configs_kept_for_its_arch(monkeypatch):
+    """`report(arch)` compiles what the pruner keeps on `arch` (sm_80: no TMA, the sm_80 table),
+    and leaves out kernels that run on other arches only (the Hopper TMA MLP kernel)."""
+    compiled = {80: [], 90: []}
+    monkeypatch.setattr(compile_report, "interpreting", lambda: False)
+    monkeypatch.setattr(compile_report, "compile_variant", lambda v, arch: compiled[arch].append(v))
+    for arch in ("sm_80", "sm_90"):
+        compile_report.report(arch)
+    for arch, number in (("sm_80", 80), ("sm_90", 90)):
+        prefix = "bf16 D=128 causal "
+        got = {v.config.removeprefix(prefix) for v in compiled[number]
+               if v.kernel.__name__ == "_attn_fwd_kernel" and v.config.startswith(prefix) and "GQA" not in v.config}
+        kept = attention.kept_configs("fwd", arch, "16-bit", 128, False, True, 1024, 1024)
+        assert got == {attention.config_name(c) for c in kept}, arch
+    assert not any(v.config.endswith(" tma") for v in compiled[80])
+    names = {n: {v.kernel.__name__ for v in variants} for n, variants in compiled.items()}
+    assert names[90] - names[80] == {"_mlp_tma_kernel"}
+
+
 def test_passing_is_the_intersection_over_triton_versions():
     table = {"sm_90": {"3.6.0": {"a": {"x": 100, "y": 200}, "b": {"x": 1}, "c": {}},
                        "3.9.0": {"a": {"x": 120, "z": 5}, "b": {}, "c": {"x": 2}}}}
