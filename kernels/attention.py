@@ -91,13 +91,13 @@ def dtype_class(dtype: torch.dtype, precision: str) -> str:
 
 def candidates(kind: str, dtypes: str | None = None) -> list[triton.Config]:
     """The configs of kernel `kind` for dtype class `dtypes` (None: all classes, the autotuner's
-    list): each tile, and on 16-bit kernels with descriptors each tile again with USE_TMA where
-    the installed Triton has them."""
+    list): each tile, and on the kernels with descriptors (forward, dQ) each tile again with
+    USE_TMA where the installed Triton has them."""
     configs = []
     for cls in DTYPE_CLASSES if dtypes is None else (dtypes,):
         tiles = IEEE_TILES if cls == "fp32-ieee" else [
             t for t in TILES[kind] if cls == "16-bit" or t[0] * t[1] <= _FP32_TILE]
-        tma = (False, True) if kind in _TMA_KINDS and HAS_TMA and cls == "16-bit" else (False,)
+        tma = (False, True) if kind in _TMA_KINDS and HAS_TMA else (False,)
         for m, n, warps, stages in tiles:
             for use_tma in tma:
                 meta = {"BLOCK_M": m, "BLOCK_N": n} | ({"USE_TMA": use_tma} if kind in _TMA_KINDS else {})

@@ -290,6 +290,8 @@ def test_hopper_forward_keeps_128x128_with_tma_at_head_dim_128():
     assert any(_elements(c) == 128 * 128 and c.kwargs["USE_TMA"] for c in kept), [attn.config_name(c) for c in kept]
     for d in attn.HEAD_DIMS:  # every head dim: the autotuner can pick TMA on Hopper
         assert any(c.kwargs["USE_TMA"] for c in _kept("fwd", "sm_90", d=d)), d
+    for dtypes in ("fp32", "fp32-ieee"):  # and fp32, with tf32 or IEEE dots
+        assert any(c.kwargs["USE_TMA"] for c in _kept("fwd", "sm_90", dtypes, d=64)), dtypes
 
 
 def test_pruner_rules():
