@@ -385,14 +385,15 @@ def test_chunked_traces_under_torch_compile(chunk_rows):
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="the CPU's resident-memory measurement")
 def test_step_benchmark_peak_resident_memory_per_loss_backend():
     """`tritongpt bench step` on a CPU: one fresh process per backend, and at GPT-2's vocabulary
-    with 512 tokens the chunked loss's peak is under the full logits' (a ~300 MB difference)."""
+    with 2048 tokens the chunked loss's peak is far under the full logits' (here: ~1000 MB apart,
+    each process's peak varying by ~100 MB from run to run, hence the 500 MB margin)."""
     from tritongpt.bench import step
 
     peaks = {}
     for name in ("torch", "chunked"):
         combo = step.Combo(name, (("attention", "sdpa"), ("layer_norm", "torch"), ("mlp", "torch"), (OP, name)), False)
-        peaks[name] = step.fresh_process_peak_rss_mb(combo, "tiny", 8, 64, torch.float32, seed=0)
-    assert 0 < peaks["chunked"] < peaks["torch"] - 100, peaks
+        peaks[name] = step.fresh_process_peak_rss_mb(combo, "tiny", 32, 64, torch.float32, seed=0)
+    assert 0 < peaks["chunked"] < peaks["torch"] - 500, peaks
 
 
 # ---- GPU ------------------------------------------------------------------------------------------
