@@ -829,11 +829,6 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_torch_scratch)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's matmul setting: IEEE when float32 matmul precision is 'highest',
-    else tf32 (16-bit inputs ignore it)."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-
 
 _PINNED: dict[str, triton.Config] = {}
 
@@ -873,7 +868,7 @@ def _buckets(t: int, s: int) -> tuple[int, int]:
 def _mask_meta(q: torch.Tensor, causal: bool, window: int | None, doc_ids: torch.Tensor | None) -> dict:
     d = q.shape[-1]
     return dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal, HAS_WINDOW=window is not None,
-                HAS_DOCS=doc_ids is not None, INPUT_PRECISION=_input_precision(q.dtype))
+                HAS_DOCS=doc_ids is not None, INPUT_PRECISION=checks.input_precision(q.dtype))
 
 
 def _check_scale(softmax_scale: float) -> None:

@@ -12,6 +12,12 @@ from tritongpt.kernels.registry import interpreting
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def input_precision(dtype: torch.dtype) -> str:
+    """The `input_precision` of a kernel's fp32 `tl.dot`s, as PyTorch's own fp32 matmuls do it:
+    "ieee" when float32 matmul precision is 'highest', else "tf32" (16-bit dots ignore it)."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def describe(t: torch.Tensor) -> str:
     """"(2, 3) float32 on cpu": a tensor in an error message."""
     return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"

@@ -257,7 +257,7 @@ INTERPRETER_BLOCK_V = 2048
 
 
 def tiles_for(dtype: torch.dtype, precision: str) -> Tiles:
-    """The GPU tiles for inputs of `dtype` and dots of `precision` (_input_precision)."""
+    """The GPU tiles for inputs of `dtype` and dots of `precision` (checks.input_precision)."""
     return IEEE_TILES if dtype == torch.float32 and precision == "ieee" else TILES[dtype]
 
 
@@ -275,10 +275,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """Every tensor a kernel of this file writes is allocated here (the tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
 
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's matmul setting: tf32 unless float32 matmul precision is 'highest'."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -302,7 +298,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: tor
     row_loss = _empty((n,), torch.float32, x.device)
     lse = _empty((n,), torch.float32, x.device)
     if n:
-        precision = _input_precision(x.dtype)
+        precision = checks.input_precision(x.dtype)
         tiles = _launch_tiles(x.dtype, precision, n)
         _lce_fwd_kernel[(triton.cdiv(n, tiles.block_m),)](
             x, weight, targets, row_loss, lse, n, c, vocab, x.stride(0), weight.stride(0), ignore_index,
@@ -330,7 +326,7 @@ def linear_cross_entropy_bwd(dloss: torch.Tensor, x: torch.Tensor, weight: torch
         dw.zero_()
         return dx32.to(x.dtype), dw
     scale = (dloss.to(torch.float32) / divisor).reshape(1)
-    precision = _input_precision(x.dtype)
+    precision = checks.input_precision(x.dtype)
     tiles = _launch_tiles(x.dtype, precision, n)
     common = dict(BLOCK_M=tiles.block_m, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, BLOCK_C=tiles.block_c,
                   INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)

@@ -320,10 +320,6 @@ def _empty(rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype | None =
     return torch.empty(rows, cols, dtype=dtype or like.dtype, device=like.device)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's matmul setting: tf32 unless float32 matmul precision is 'highest'."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-
 
 def _tma_addressable(t: torch.Tensor) -> bool:
     """TMA can address the 2-D tensor t: unit stride in its last dim, other strides positive and
@@ -374,7 +370,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, w_nk: bool, c: torch.Tensor, aux: 
     m, k = a.shape
     n = c.shape[1]
     common = dict(HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
-                  INPUT_PRECISION=_input_precision(a.dtype), SUM_ROWS=_sum_rows(path))
+                  INPUT_PRECISION=checks.input_precision(a.dtype), SUM_ROWS=_sum_rows(path))
     if path == "tma":
         programs = _programs(a.device)
 

@@ -22,7 +22,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import attention as attn
-from tritongpt.kernels import attention_spec, attention_table, compile_report, registry
+from tritongpt.kernels import attention_spec, attention_table, checks, compile_report, registry
 
 ON_GPU = torch.cuda.is_available()
 CPU = torch.device("cpu")
@@ -407,10 +407,10 @@ def test_fp32_dot_precision_follows_torch(monkeypatch):
     """'highest' float32 matmul precision means IEEE dots (as PyTorch's own fp32 matmuls), else
     tf32; the precision is a table key and an autotune key."""
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
-    assert attn._input_precision(torch.float32) == "ieee"
-    assert attn._input_precision(torch.bfloat16) == "tf32"
+    assert checks.input_precision(torch.float32) == "ieee"
+    assert checks.input_precision(torch.bfloat16) == "tf32"
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert attn._input_precision(torch.float32) == "tf32"
+    assert checks.input_precision(torch.float32) == "tf32"
     assert attn.dtype_class(torch.float32, "ieee") == "fp32-ieee"
     assert all("INPUT_PRECISION" in kernel.keys for kernel in attn._KERNELS.values())
 

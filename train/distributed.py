@@ -70,15 +70,15 @@ def setup(device_name: str = "auto") -> Dist:
     return Dist(rank, local_rank, world_size, device)
 
 
+# True once this process has left a torchrun process group: the CLI then ends it with `end_worker`.
+joined_group = False
+
+
 def cleanup() -> None:
     global joined_group
     if dist.is_initialized():
         dist.destroy_process_group()
         joined_group = True
-
-
-# True once this process has left a torchrun process group: the CLI then ends it with `end_worker`.
-joined_group = False
 
 
 def end_worker(code: int) -> None:
