@@ -35,7 +35,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)  # lazy: PEP 562, `import tritongpt` stays light
         globals()[name] = value  # later lookups skip this function
         return value
     raise AttributeError(f"module 'tritongpt' has no attribute {name!r}")

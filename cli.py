@@ -40,7 +40,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name != command:
             sub.add_parser(name, help=help_text)
             continue
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)  # lazy: only the chosen command's module (no torch for --help)
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

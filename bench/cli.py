@@ -4,7 +4,7 @@
     tritongpt bench attention --dtype fp16        # one op (`tritongpt kernels list` shows them)
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
-    tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/gpu_report.py)
+    tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/report.py)
     python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
 
 Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (OUT:
@@ -21,18 +21,19 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.bench import report, step, sweeps, tables
+from tritongpt.bench.tables import DEFAULT_OUT
 from tritongpt.errors import TritonGPTError
+from tritongpt.kernels import registry
+from tritongpt.kernels.measure import Timer
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.config import check_preset
 
-DEFAULT_OUT = Path("bench-results")  # in the working directory, never inside the package
 # step defaults: (full, --quick)
 STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tritongpt.kernels import registry
-
     parser.add_argument("target", choices=(*registry.ops(), "step", "all", "report"),
                         help="an op, the training step, all of them, or the GPU report (see below)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
@@ -59,12 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Fill the defaults that depend on the device and --quick; raise on bad input."""
-    from tritongpt.bench.kernels import default_device, default_dtype
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TritonGPTError("--device cuda: no CUDA device is available")
-    device = torch.device(args.device) if args.device else default_device()
+    device = sweeps.pick_device(args.device)
     args.device = device.type
-    args.dtype = args.dtype or next(k for k, v in DTYPES.items() if v == default_dtype(device))
+    args.dtype = args.dtype or next(k for k, v in DTYPES.items() if v == sweeps.default_dtype(device))
     for name, (full, quick) in STEP_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -93,45 +91,38 @@ def _command(args: argparse.Namespace) -> str:
 
 def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Run the benchmarks `args` ask for; returns (header, rows)."""
-    from tritongpt.bench import kernels, report, step
-    from tritongpt.kernels import registry
-    from tritongpt.kernels.measure import Timer
     device, dtype = _resolve(args)
-    log = report.log
+    log = tables.log
     timer = Timer(device, args.quick)
     if device.type == "cpu":
         log("running on the CPU: times are CPU times" + ("" if args.quick else " (without --quick this takes long)"))
-    log(f"measuring ceilings on {report.device_name(device)} ...")
-    ceiling = kernels.ceilings(device, dtype, timer)
+    log(f"measuring ceilings on {tables.device_name(device)} ...")
+    ceiling = sweeps.ceilings(device, dtype, timer)
     rows, skipped = [], []
     ops = registry.ops() if args.target == "all" else [args.target] if args.target in registry.ops() else []
     for op in ops:
-        op_rows, op_skipped = kernels.run_op(op, device=device, dtype=dtype, quick=args.quick, timer=timer,
-                                             ceiling=ceiling, compile=args.compile, seed=args.seed, log=log)
+        op_rows, op_skipped = sweeps.run_op(op, device=device, dtype=dtype, quick=args.quick, timer=timer,
+                                            ceiling=ceiling, compile=args.compile, seed=args.seed, log=log)
         rows += op_rows
         skipped += op_skipped
     if args.target in ("step", "all"):
         rows += step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
                               dtype=dtype, steps=args.steps, warmup=1, ceiling=ceiling, compile=args.compile,
                               seed=args.seed, log=log)
-    head = report.header(device, dtype, quick=args.quick, command=_command(args), timer=timer.description,
-                         ceilings=ceiling, skipped=skipped, ref_dtype=kernels.reference_dtype(dtype, device),
+    head = tables.header(device, dtype, quick=args.quick, command=_command(args), timer=timer.description,
+                         ceilings=ceiling, skipped=skipped, ref_dtype=sweeps.reference_dtype(dtype, device),
                          interpreter=registry.interpreting())
     return head, rows
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.bench import report
-    from tritongpt.bench.kernels import FLAG
-    from tritongpt.bench.step import LOSS_FLAG
     if args.target == "report":
-        from tritongpt.bench import gpu_report
-        return gpu_report.run(args, *_resolve(args))
+        return report.run(args, *_resolve(args))
     head, rows = collect(args)
-    print(report.format_table(head, rows))
-    for path in report.write(args.out or DEFAULT_OUT, head, rows):
+    print(tables.format_table(head, rows))
+    for path in tables.write(args.out or DEFAULT_OUT, head, rows):
         print(f"wrote {path}")
-    flagged = [r for r in rows if FLAG in r["note"] or LOSS_FLAG in r["note"]]
+    flagged = [r for r in rows if sweeps.FLAG in r["note"] or step.LOSS_FLAG in r["note"]]
     for r in flagged:
         print(f"FLAGGED: {r['op']} {r['provider']} {r['mode']} {r['shape']}: {r['note']}")
     return 1 if flagged else 0

@@ -1,22 +1,28 @@
-"""Benchmark results: one row schema for kernel and training-step rows, the run's header
-(device, versions, date, ceilings), the stdout table, and the files under OUT:
+"""`tritongpt bench report`: turn a (rented) GPU into results ready to commit, within a time budget.
 
-    OUT/<device>_<date>.json        {"header": {...}, "rows": [...]}
-    OUT/<device>_<date>.csv         the same rows, after `# key: value` header lines
-    OUT/<device>_<date>_<op>.png    throughput vs size per provider (needs matplotlib)
+    tritongpt bench report                          # 8 minutes (--budget 480), compilation included
+    tritongpt bench report --budget 300 --out bench/results/H100_2026-12-05
+    TRITON_INTERPRET=1 tritongpt bench report --quick --budget 120   # a CPU: the same files, CPU times
 
-A second run on the same device and day gets `_2`, `_3`, ... rather than replacing files.
-Every file is written to a temporary name and renamed into place.
+Four phases, each given its share of the time still left (a phase that finishes early leaves
+its time to the next): `tritongpt verify` at the gpt2 shapes; `python -m pytest -m gpu` (a
+subprocess with its own timeout); the kernel sweep of every op (cases in order, stopping when
+the phase's time is up); the training-step benchmark (combinations in order, likewise). Progress
+goes to stderr. After every phase the folder is rewritten with all that finished, so a run cut
+short (budget, Ctrl-C, a crash) leaves its results. The folder holds five files:
+
+    report.json     header (device, versions, date, budget, phases) + verify, kernel and step rows
+    report.csv      the kernel and step rows (bench columns)
+    report.md       the tables ready for README.md's "GPU results"
+    report.png      one figure: a panel per op (fwd+bwd throughput vs size per provider) + the step
+    pytest-gpu.txt  the output of python -m pytest -m gpu
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import platform
 import re
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,321 +30,192 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.bench import step, sweeps, tables
+from tritongpt.bench.verify import verify
 from tritongpt.files import atomic_write_bytes
 from tritongpt.kernels import registry
+from tritongpt.kernels.measure import Timer
+from tritongpt.kernels.spec import dtype_name
+from tritongpt.model.config import GPTConfig
 
-# The columns of every row, kernel and step alike (a step row uses what applies to it).
-COLUMNS = (
-    "op",  # a registered op (attention, layer_norm, mlp, ...), or step
-    "provider",  # backend or peer name; for step rows the backend combination
-    "mode",  # fwd, bwd, fwd+bwd; "train" for step rows
-    "series",  # rows of one plot line: everything but the swept size
-    "shape",  # the case, e.g. "B=32 T=512 H=32 D=64 causal" or "gpt2 B=16 T=1024"
-    "size",  # the swept size (plots' x axis): T, N, C, or the step's sequence length
-    "dtype",
-    "ms",  # median milliseconds per call (per training step for step rows)
-    "tflops",  # TFLOP/s (attention, mlp, step)
-    "gbps",  # GB/s (layer_norm)
-    "pct_peak",  # percent of the measured ceiling (copy GB/s or matmul TFLOP/s); MFU for step rows
-    "speedup",  # BASELINE's ms / this ms, same case and mode (step: vs eager+sdpa)
-    "err_out",  # max relative error of the output vs the float32/float64 reference
-    "err_grad",  # max relative error over the input gradients
-    "peak_mem_mb",  # MiB allocated at the peak above the inputs (step: whole training step); CUDA only
-    "tokens_per_s",  # step rows
-    "loss",  # step rows: loss of the first step (same seed and batch for every combination)
-    "backends",  # step rows: the backend each op resolved to
-    "note",  # why a value is missing, correctness-only rows, flags
-)
-NUMERIC = {"size", "ms", "tflops", "gbps", "pct_peak", "speedup", "err_out", "err_grad", "peak_mem_mb",
-           "tokens_per_s", "loss"}
+# phase -> weight: its share of the time left when it starts, against the phases after it
+PHASES = {"verify": 2.0, "pytest-gpu": 3.0, "kernels": 3.0, "step": 2.0}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def blank_row(**values) -> dict:
-    """A row with every column, None where not given."""
-    unknown = set(values) - set(COLUMNS)
-    if unknown:
-        raise KeyError(f"not bench columns: {sorted(unknown)}")
-    row = dict.fromkeys(COLUMNS)
-    row.update(values)
-    if row["note"] is None:
-        row["note"] = ""
-    return row
+class Budget:
+    """Deadlines for the phases of a run that must end `seconds` after it started."""
+
+    def __init__(self, seconds: float) -> None:
+        self.start = time.monotonic()
+        self.end = self.start + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def phase_deadline(self, phase: str) -> float:
+        names = list(PHASES)
+        later = sum(PHASES[p] for p in names[names.index(phase):])
+        return time.monotonic() + self.left() * PHASES[phase] / later
 
 
-def describe_error(exc: BaseException) -> str:
-    """One short line for a row's note: the exception type and the first line of its message."""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}"[:160]
+def default_out(device_name: str) -> Path:
+    return tables.DEFAULT_OUT / f"report_{tables.slug(device_name)}_{datetime.now(timezone.utc):%Y-%m-%d}"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+def run(args, device: torch.device, dtype: torch.dtype) -> int:
+    """The report command; exit 1 when a check failed (verify, pytest, flagged rows)."""
+    log = tables.log
+    budget = Budget(args.budget)
+    out = args.out if args.out is not None else default_out(tables.device_name(device))
+    out.mkdir(parents=True, exist_ok=True)
+    head = {"tool": "tritongpt bench report", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": tables.device_name(device), **tables.versions(), "dtype": dtype_name(dtype),
+            "budget_s": args.budget,
+            "interpreter": registry.interpreting(), "phases": {}}
+    results = {"verify": [], "pytest": {}, "kernels": [], "step": []}
+    failed = False
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+        timer = Timer(device, quick=True)
+        head["ceilings"] = sweeps.ceilings(device, dtype, timer)
+
+        deadline = budget.phase_deadline("verify")
+        log(f"[report] verify ({deadline - time.monotonic():.0f} s)")
+        _, results["verify"] = verify(GPTConfig.from_preset("gpt2"), 8, None, device, dtype,
+                                      compile=args.compile, log=log)
+        failed |= any(r["status"] == "FAIL" for r in results["verify"])
+        _finish(head, "verify", deadline)
+        write(out, head, results)
+
+        deadline = budget.phase_deadline("pytest-gpu")
+        log(f"[report] python -m pytest -m gpu ({deadline - time.monotonic():.0f} s)")
+        results["pytest"] = run_gpu_tests(out / "pytest-gpu.txt", deadline - time.monotonic())
+        failed |= results["pytest"]["returncode"] != 0
+        _finish(head, "pytest-gpu", deadline)
+        write(out, head, results)
+
+        deadline = budget.phase_deadline("kernels")
+        log(f"[report] kernel sweeps ({deadline - time.monotonic():.0f} s)")
+        results["kernels"], head["skipped"] = sweep(device, dtype, timer, head["ceilings"], deadline, args, log)
+        _finish(head, "kernels", deadline)
+        write(out, head, results)
+
+        deadline = budget.phase_deadline("step")
+        log(f"[report] training step ({deadline - time.monotonic():.0f} s)")
+        results["step"] = step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
+                                        device=device, dtype=dtype, steps=args.steps, warmup=2,
+                                        ceiling=head["ceilings"], compile=args.compile, seed=args.seed, log=log,
+                                        deadline=deadline)
+        _finish(head, "step", deadline)
+    finally:
+        for path in write(out, head, results):
+            print(f"wrote {path}")
+    flagged = [r for r in results["kernels"] + results["step"]
+               if sweeps.FLAG in r["note"] or step.LOSS_FLAG in r["note"]]
+    return 1 if failed or flagged else 0
 
 
-def header(device: torch.device, dtype: torch.dtype, *, quick: bool, command: str, timer: str,
-           ceilings: dict, skipped: list[dict], ref_dtype: torch.dtype, interpreter: bool) -> dict:
-    """The run's header: what ran where, when, with which software, against which ceilings."""
-    import triton
-    return {
-        "tool": "tritongpt bench",
-        "command": command,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "device_type": device.type,
-        "cpu_times": device.type != "cuda",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "reference_dtype": str(ref_dtype).removeprefix("torch."),
-        "quick": quick,
-        "timer": timer,
-        "interpreter": interpreter,
-        "ceilings": ceilings,
-        "skipped": skipped,
-    }
+def _finish(head: dict, phase: str, deadline: float) -> None:
+    head["phases"][phase] = "done" if time.monotonic() <= deadline else "done, past its share of the budget"
 
 
-# ----------------------------------------------------------------------------------------------
-# stdout
+def run_gpu_tests(log_path: Path, seconds: float) -> dict:
+    """python -m pytest -m gpu in a subprocess, stopped after `seconds`; its output goes to log_path."""
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-x"]
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(seconds, 10))
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        output += f"\n[report] stopped after {seconds:.0f} s (the budget's share for the GPU tests)\n"
+        code = 124
+    atomic_write_bytes(log_path, output.encode())
+    summary = next((line for line in reversed(output.splitlines())
+                    if re.search(r"\d+ (passed|failed|skipped|error|deselected)", line)), "")
+    return {"returncode": code, "summary": summary.strip("= ")}
 
 
-DIGITS = {"tokens_per_s": 1, "loss": 5}  # decimals shown per column (default 3)
+def sweep(device: torch.device, dtype: torch.dtype, timer: Timer, ceiling: dict, deadline: float, args,
+          log) -> tuple[list[dict], list[dict]]:
+    """Kernel rows of every op, case by case in sweep order, until `deadline`: the first cases of
+    every op before the later ones, so a short budget still covers each op."""
+    found = {op: sweeps.providers(op, device, args.compile) for op in registry.ops()}
+    skipped = [s for _, left_out in found.values() for s in left_out]
+    queues = {op: list(registry.spec(op).cases(args.quick)) for op in registry.ops()}
+    rows, i = [], 0
+    while any(queues.values()) and time.monotonic() < deadline:
+        for op, queue in queues.items():
+            if queue and time.monotonic() < deadline:
+                case = queue.pop(0)
+                log(f"[kernels] {op} {case.shape}")
+                rows += sweeps.run_case(registry.spec(op), case, found[op][0], device=device, dtype=dtype,
+                                         timer=timer, ceiling=ceiling, seed=args.seed + i, log=log)
+                i += 1
+    left = sum(len(q) for q in queues.values())
+    if left:
+        log(f"[kernels] budget: {left} cases not run")
+    return rows, skipped
 
 
-def _fmt(value, digits: int = 3) -> str:
+def write(out: Path, head: dict, results: dict) -> list[Path]:
+    """All five files from what has finished (rewritten after every phase)."""
+    rows = results["kernels"] + results["step"]
+    paths = {name: out / name for name in ("report.json", "report.csv", "report.md", "report.png")}
+    atomic_write_bytes(paths["report.json"], json.dumps({"header": head, **results}, indent=1,
+                                                        default=str).encode() + b"\n")
+    atomic_write_bytes(paths["report.csv"], tables.to_csv({**_csv_header(head)}, rows).encode())
+    atomic_write_bytes(paths["report.md"], markdown(head, results).encode())
+    figure = tables.figure(head, rows)
+    if figure is None:
+        del paths["report.png"]
+    else:
+        atomic_write_bytes(paths["report.png"], figure)
+    written = list(paths.values())
+    if (out / "pytest-gpu.txt").exists():
+        written.append(out / "pytest-gpu.txt")
+    return written
+
+
+def _csv_header(head: dict) -> dict:
+    return {"command": f"tritongpt bench report --budget {head['budget_s']}", "timer": "triton.testing.do_bench",
+            **head}
+
+
+def markdown(head: dict, results: dict) -> str:
+    """Tables for README.md: verify's verdicts, fwd+bwd throughput per op and provider, the step."""
+    lines = [f"### {head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
+             f"{head['dtype']}" + (" | CPU times" if "CPU" in head["device"] else ""), ""]
+    if results["verify"]:
+        bad = [r for r in results["verify"] if r["status"] == "FAIL"]
+        lines += [f"`tritongpt verify` (gpt2, B=8, T=1024): {len(results['verify'])} checks, {len(bad)} failed.", "",
+                  "| op | backend | shape | err out | err grad | fwd+bwd ms | speedup vs torch |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['backend']} | {r['shape']} | {_num(r['err_out'])} | {_num(r['err_grad'])} | "
+                  f"{_num(r['fwd_bwd_ms'])} | {_num(r['speedup'])} |" for r in results["verify"]]
+        lines.append("")
+    if results["pytest"]:
+        lines += [f"`python -m pytest -m gpu`: {results['pytest']['summary'] or 'no summary'} "
+                  f"(exit {results['pytest']['returncode']})", ""]
+    for op in dict.fromkeys(r["op"] for r in results["kernels"]):
+        mine = [r for r in results["kernels"] if r["op"] == op and r["mode"] == "fwd+bwd"]
+        providers = list(dict.fromkeys(r["provider"] for r in mine))
+        unit = "TFLOP/s" if any(r["tflops"] is not None for r in mine) else "GB/s"
+        lines += [f"{op}, forward+backward {unit}:", "", "| shape | " + " | ".join(providers) + " |",
+                  "|---|" + "---|" * len(providers)]
+        for shape in dict.fromkeys(r["shape"] for r in mine):
+            cells = {r["provider"]: r["tflops"] if r["tflops"] is not None else r["gbps"] for r in mine
+                     if r["shape"] == shape}
+            lines.append(f"| {shape} | " + " | ".join(_num(cells.get(p)) for p in providers) + " |")
+        lines.append("")
+    if results["step"]:
+        lines += [f"Training step ({results['step'][0]['shape']}):", "",
+                  "| combination | ms/step | tokens/s | MFU % | peak MiB |", "|---|---|---|---|---|"]
+        lines += [f"| {r['provider']} | {_num(r['ms'])} | {_num(r['tokens_per_s'])} | {_num(r['pct_peak'])} | "
+                  f"{_num(r['peak_mem_mb'])} |" for r in results["step"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
-            return f"{value:.2e}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def header_lines(head: dict) -> list[str]:
-    lines = [f"tritongpt bench on {head['device']} | torch {head['torch']} | triton {head['triton']} | "
-             f"{head['date']} | {head['dtype']}{' | quick' if head['quick'] else ''}",
-             f"timer: {head['timer']}"]
-    c = head.get("ceilings") or {}
-    if c:
-        lines.append(f"ceilings: copy {_fmt(c['copy_gbps'])} GB/s, "
-                     f"matmul {_fmt(c['matmul_tflops'])} TFLOP/s ({c['matmul']})")
-    if head.get("interpreter"):
-        lines.append("TRITON_INTERPRET=1: Triton backends are checked for correctness, never timed")
-    return lines
-
-
-def format_table(head: dict, rows: list[dict]) -> str:
-    """The rows as text tables, one per op, after the header lines and with the skipped peers."""
-    out = header_lines(head)
-    kernel_cols = ("shape", "provider", "mode", "ms", "tflops", "gbps", "pct_peak", "speedup",
-                   "err_out", "err_grad", "peak_mem_mb", "note")
-    step_cols = ("shape", "provider", "ms", "tokens_per_s", "tflops", "pct_peak", "speedup", "loss",
-                 "peak_mem_mb", "backends", "note")
-    titles = {"tflops": "TFLOP/s", "gbps": "GB/s", "pct_peak": "%peak", "peak_mem_mb": "mem MiB",
-              "tokens_per_s": "tok/s", "err_out": "err out", "err_grad": "err grad"}
-    for op in dict.fromkeys(r["op"] for r in rows):
-        mine = [r for r in rows if r["op"] == op]
-        cols = step_cols if op == "step" else kernel_cols
-        if op == "step":
-            titles_here = {**titles, "pct_peak": "MFU %", "ms": "ms/step"}
-        else:
-            used = {c for c in ("tflops", "gbps") if any(r[c] is not None for r in mine)}
-            cols = tuple(c for c in cols if c not in {"tflops", "gbps"} - used)
-            titles_here = titles
-        cells = [[titles_here.get(c, c) for c in cols]]
-        cells += [[_fmt(r[c], DIGITS.get(c, 3)) for c in cols] for r in mine]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]
-        out += ["", f"== {op} =="]
-        for row in cells:
-            out.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
-        for s in head.get("skipped", []):
-            if s["op"] == op:
-                out.append(f"skipped {s['provider']}: {s['reason']}")
-    return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "device"
-
-
-def stem(out_dir: Path, head: dict) -> str:
-    """`<device>_<date>`, with `_2`, `_3`, ... when that run's files already exist."""
-    base = f"{slug(head['device'])}_{head['date'][:10]}"
-    name, n = base, 1
-    while any((out_dir / f"{name}{suffix}").exists() for suffix in (".json", ".csv")):
-        n += 1
-        name = f"{base}_{n}"
-    return name
-
-
-def _json_value(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def to_json(head: dict, rows: list[dict]) -> str:
-    clean = [{k: _json_value(v) for k, v in r.items()} for r in rows]
-    return json.dumps({"header": head, "rows": clean}, indent=1, allow_nan=False) + "\n"
-
-
-def to_csv(head: dict, rows: list[dict]) -> str:
-    buf = io.StringIO()
-    for key in ("tool", "command", "date", "device", "torch", "triton", "dtype", "timer"):
-        buf.write(f"# {key}: {head[key]}\n")
-    c = head.get("ceilings") or {}
-    if c:
-        buf.write(f"# ceilings: copy_gbps={c['copy_gbps']:.6g} matmul_tflops={c['matmul_tflops']:.6g} "
-                  f"({c['matmul']})\n")
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if _json_value(v) is None else repr(v) if isinstance(v, float) else v)
-                         for k, v in r.items()})
-    return buf.getvalue()
-
-
-def read_csv(path: Path) -> list[dict]:
-    """Rows of a CSV written by `write`, numbers parsed back (empty cells: None)."""
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
-    rows = []
-    for r in csv.DictReader(lines):
-        rows.append({k: (None if v == "" and k != "note" else float(v) if k in NUMERIC else v) for k, v in r.items()})
-    return rows
-
-
-def write(out_dir: Path, head: dict, rows: list[dict]) -> list[Path]:
-    """JSON, CSV and (with matplotlib) PNG plots of one run under `out_dir`; returns the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = stem(out_dir, head)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
-    atomic_write_bytes(paths[0], to_json(head, rows).encode())
-    atomic_write_bytes(paths[1], to_csv(head, rows).encode())
-    return paths + plot(out_dir, name, head, rows)
-
-
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _title(head: dict) -> str:
-    title = (f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
-             f"{head['dtype']}")
-    return title + (" | CPU times" if head.get("cpu_times") else "")
-
-
-def _png(plt, fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
-    """One PNG per op: throughput vs size, a line per provider, a panel per (series, mode); for
-    step rows a bar chart of tokens/s per combination. Nothing without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return []
-    paths = []
-    for op in dict.fromkeys(r["op"] for r in rows):
-        mine = [r for r in rows if r["op"] == op]
-        if op == "step":
-            if not any(r["tokens_per_s"] is not None for r in mine):
-                continue
-            fig, ax = plt.subplots(figsize=(1.2 * len(mine) + 3, 3.5), layout="constrained")
-            _draw_step(ax, mine)
-        else:
-            series = list(dict.fromkeys(r["series"] for r in mine))
-            modes = list(dict.fromkeys(r["mode"] for r in mine))
-            fig, axes = plt.subplots(len(series), len(modes), figsize=(4.5 * len(modes), 3.2 * len(series)),
-                                     squeeze=False, layout="constrained")
-            for i, s in enumerate(series):
-                for j, mode in enumerate(modes):
-                    _draw_kernel(axes[i][j], op, [r for r in mine if r["series"] == s and r["mode"] == mode],
-                                 f"{s} {mode}")
-        fig.suptitle(f"{op}\n{_title(head)}", fontsize=9)
-        path = out_dir / f"{name}_{op}.png"
-        atomic_write_bytes(path, _png(plt, fig))
-        paths.append(path)
-    return paths
-
-
-def figure(head: dict, rows: list[dict]) -> bytes | None:
-    """One PNG: a panel per op (forward+backward throughput vs size, a line per provider and
-    series) and one for the training step; None without matplotlib or rows."""
-    plt = _pyplot()
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    if plt is None or not ops:
-        return None
-    fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False, layout="constrained")
-    for ax, op in zip(axes[0], ops):
-        mine = [r for r in rows if r["op"] == op]
-        if op == "step":
-            _draw_step(ax, mine)
-        else:
-            _draw_kernel(ax, op, [r for r in mine if r["mode"] == "fwd+bwd"], f"{op} fwd+bwd", by_series=True)
-    fig.suptitle(_title(head), fontsize=9)
-    return _png(plt, fig)
-
-
-def _draw_kernel(ax, op: str, rows: list[dict], title: str, by_series: bool = False) -> None:
-    unit = "tflops" if any(r["tflops"] is not None for r in rows) else "gbps"
-    sizes = sorted({r["size"] for r in rows})
-    lines = dict.fromkeys((r["provider"], r["series"] if by_series else "") for r in rows)
-    for provider, series in lines:
-        points = sorted((r["size"], r[unit]) for r in rows if r["provider"] == provider
-                        and (not by_series or r["series"] == series) and r[unit] is not None)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=f"{provider} {series}".strip())
-    ax.set_xscale("log", base=2)
-    if sizes:
-        ax.set_xticks(sizes, [str(int(x)) for x in sizes], minor=False)
-    ax.minorticks_off()
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(registry.spec(op).size_label if op in registry.ops() else "size")
-    ax.set_ylabel("TFLOP/s" if unit == "tflops" else "GB/s")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6)
-
-
-def _draw_step(ax, rows: list[dict]) -> None:
-    timed = [r for r in rows if r["tokens_per_s"] is not None]
-    ax.bar([r["provider"] for r in timed], [r["tokens_per_s"] for r in timed])
-    ax.set_ylabel("tokens/s")
-    ax.set_title(timed[0]["shape"] if timed else "training step", fontsize=9)
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-
-
-_START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    """Progress line on stderr, after the seconds since the bench started."""
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"

@@ -29,11 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tritongpt.bench.kernels import INTERPRETER_NOTE, free_memory
-from tritongpt.bench.report import blank_row, describe_error
+from tritongpt.bench.sweeps import INTERPRETER_NOTE, free_memory
+from tritongpt.bench.tables import blank_row, join_notes
 from tritongpt.kernels import registry
+from tritongpt.kernels.measure import describe_error, sync
 from tritongpt.kernels.spec import dtype_name
-from tritongpt.model.config import MODEL_OPS, check_preset
+from tritongpt.model.config import MODEL_OPS, GPTConfig, check_preset
+from tritongpt.model.gpt import GPT
+from tritongpt.train import config as train_config
 
 BASELINE = "eager+sdpa"
 LOSS_FLAG = "LOSS DISAGREES"
@@ -107,7 +110,6 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
 def _block_and_batch(preset: str, batch_size: int, seq_len: int, seed: int, device: torch.device
                      ) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
     """(block_size, (inputs, next-token targets)): the model's positions and the one batch, (B, T) each."""
-    from tritongpt.model.config import GPTConfig
     config = GPTConfig.from_preset(preset)
     gen = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, config.real_vocab_size, (batch_size, seq_len + 1), generator=gen)  # (B, T + 1)
@@ -122,7 +124,6 @@ def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
 def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor],
                device: torch.device, dtype: torch.dtype, steps: int, warmup: int, ceiling: dict, seed: int,
                log: Callable[[str], None]) -> dict:
-    from tritongpt import GPT, GPTConfig
     b, t = batch[0].shape
     row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
                     size=t, dtype=dtype_name(dtype), backends=combo.label)
@@ -138,29 +139,16 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         return row
     row["note"] = INTERPRETER_NOTE if interpreted else ""
     try:
-        torch.manual_seed(seed)
-        config = GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **dict(combo.backends))
-        model = GPT(config).to(device)
+        model, optimizer = _model_and_optimizer(preset, block, dict(combo.backends), device, seed)
         row["backends"] = " ".join(f"{op}={n}" for op, n in model.backend_names().items())
-        run = train_defaults(preset)
-        optimizer = model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
         forward = torch.compile(model) if combo.compiled else model
-        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                    else contextlib.nullcontext())
-
-        def train_step() -> torch.Tensor:
-            with autocast:
-                _, loss = forward(*batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+        autocast = _autocast(device, dtype)
 
         def timed_step() -> tuple[float, torch.Tensor]:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
-            loss = train_step()
-            _sync(device)
+            loss = _train_step(forward, optimizer, batch, autocast)
+            sync(device)
             return time.perf_counter() - start, loss
 
         if device.type == "cuda":
@@ -196,6 +184,32 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     return row
 
 
+def _model_and_optimizer(preset: str, block: int, backends: dict[str, str], device: torch.device, seed: int
+                         ) -> tuple[GPT, torch.optim.Optimizer]:
+    """The combination's model, from `seed` and without dropout, and the optimizer `tritongpt train
+    --preset PRESET` would give it."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **backends)).to(device)
+    run = train_defaults(preset)
+    return model, model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` for fp16/bf16; nothing for float32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def _train_step(forward: Callable, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+                autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+    """One training step (forward under `autocast`, backward, optimizer step); the loss, detached."""
+    with autocast:
+        _, loss = forward(*batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 RSS_STEPS = 2  # steps of the fresh process measured on a CPU: the second has the optimizer's state too
 # The fresh process: RSS_STEPS steps of one combination, then its peak resident memory (MiB) on stdout.
 _RSS_CHILD = ("import json, sys\nfrom tritongpt.bench import step\n"
@@ -219,22 +233,14 @@ def step_peak_rss_mb(*, preset: str, backends: dict[str, str], batch_size: int, 
                      seed: int) -> float:
     """In the fresh process: RSS_STEPS CPU training steps with `backends`, then this process's peak
     resident memory in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    import resource
+    import resource  # lazy: Unix only, and only the fresh memory process reads it
 
-    from tritongpt import GPT, GPTConfig
     cpu = torch.device("cpu")
     block, batch = _block_and_batch(preset, batch_size, seq_len, seed, cpu)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **backends))
-    run = train_defaults(preset)
-    optimizer = model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), cpu.type)
-    compute = getattr(torch, dtype)
+    model, optimizer = _model_and_optimizer(preset, block, backends, cpu, seed)
+    autocast = _autocast(cpu, getattr(torch, dtype))
     for _ in range(RSS_STEPS):
-        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
-            _, loss = model(*batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _train_step(model, optimizer, batch, autocast)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
@@ -250,13 +256,7 @@ def steady(seconds: list[float]) -> bool:
 
 def train_defaults(preset: str):
     """The TrainConfig `tritongpt train --preset PRESET` would use: its optimizer settings."""
-    from tritongpt.train import config
-    return config.resolve({"preset": preset})
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return train_config.resolve({"preset": preset})
 
 
 def _compare(rows: list[dict], tol: float) -> None:
@@ -272,6 +272,6 @@ def _compare(rows: list[dict], tol: float) -> None:
         diff = abs(row["loss"] - base["loss"]) / abs(base["loss"])
         if not math.isfinite(row["loss"]) or diff > tol:
             flag = f"{LOSS_FLAG} with {BASELINE} ({row['loss']:.5g} vs {base['loss']:.5g})"
-            row["note"] = "; ".join(n for n in (row["note"], flag) if n)
+            row["note"] = join_notes(row["note"], flag)
             if not math.isfinite(row["loss"]):
                 row["loss"] = None

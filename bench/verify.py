@@ -27,9 +27,14 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.bench.sweeps import default_dtype, pick_device
+from tritongpt.bench.tables import aligned, device_name, fmt, log, versions
 from tritongpt.errors import require
 from tritongpt.files import atomic_write_bytes
+from tritongpt.kernels import registry
+from tritongpt.kernels.measure import Timer, check
 from tritongpt.kernels.spec import DTYPES, dtype_name
+from tritongpt.model.config import GPTConfig, check_preset
 
 COLUMNS = ("op", "backend", "shape", "dtype", "status", "err_out", "err_grad", "torch_err", "deterministic",
            "first_call_s", "fwd_bwd_ms", "speedup", "note")
@@ -49,13 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.bench.report import log
-    from tritongpt.model.config import GPTConfig, check_preset
-
     check_preset(args.preset)
-    require(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     require(args.seq_len is None or args.seq_len >= 1, f"--seq-len must be >= 1, got {args.seq_len}")
     require(args.json is None or args.json.parent.is_dir(), f"--json: directory {args.json and args.json.parent} "
@@ -77,9 +78,6 @@ def verify(config, batch: int, seq_len: int | None, device: torch.device, dtype:
            seed: int = 0, log: Callable[[str], None] = lambda message: None,
            ops: list[str] | None = None) -> tuple[dict, list[dict]]:
     """(header, rows) for every usable backend of every op (or of `ops`) at `config`'s shapes."""
-    from tritongpt.kernels import registry
-    from tritongpt.kernels.measure import Timer, check
-
     timed = device.type == "cuda" and not registry.interpreting()
     timer = Timer(device, quick=True) if timed else None
     shape = config.shape(batch, seq_len)
@@ -127,28 +125,13 @@ def _row(op: str, name: str, shape: str, dtype: torch.dtype, result, baseline: d
 
 def header(device: torch.device, dtype: torch.dtype, config, batch: int, seq_len: int | None, timed: bool,
            skipped: list[dict]) -> dict:
-    import triton
-
-    from tritongpt.bench.report import device_name
-    from tritongpt.kernels import registry
     return {
         "tool": "tritongpt verify", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": dtype_name(dtype),
+        "device": device_name(device), **versions(), "python": platform.python_version(), "dtype": dtype_name(dtype),
         "model": f"n_layer={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} vocab={config.vocab_size}",
         "batch": batch, "seq_len": seq_len or config.block_size, "timed": timed,
         "interpreter": registry.interpreting(), "skipped": skipped,
     }
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.2e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.3f}"
-    return str(value)
 
 
 def format_table(head: dict, rows: list[dict]) -> str:
@@ -158,9 +141,7 @@ def format_table(head: dict, rows: list[dict]) -> str:
         lines.append("no timing was taken (CPU" + (", Triton interpreter" if head["interpreter"] else "") +
                      "): correctness only, at small shapes")
     cols = [c for c in COLUMNS if c != "note"] + ["note"]
-    cells = [cols] + [[_fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols) - 1)]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in cells]
+    lines += aligned([cols] + [[fmt(r[c]) for c in cols] for r in rows])
     for s in head["skipped"]:
         lines.append(f"not here: {s['op']} backend {s['backend']} ({s['reason']})")
     failed = sum(r["status"] == "FAIL" for r in rows)

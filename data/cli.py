@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from tritongpt.data.prepare import DEFAULT_SHARD_TOKENS, prepare
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tritongpt.data.prepare import DEFAULT_SHARD_TOKENS
     parser.add_argument("source", help="text file, directory or glob of .txt/.jsonl files, or 'tinyshakespeare'")
     parser.add_argument("--out", required=True, help="output directory for the shards and meta.json")
     parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name (default gpt2, offline)")
@@ -30,7 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.data.prepare import prepare
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    shard_tokens=args.shard_tokens, workers=args.workers, force=args.force)
     for split in ("train", "val"):

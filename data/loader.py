@@ -19,6 +19,8 @@ block_size + 1 tokens (x, then y shifted by one), and rank r takes rows [r*B, (r
   * sequential: the shards cut into consecutive windows at stride block_size (each token is
     predicted once per pass), global batch s holding windows s*W*B ... (s+1)*W*B - 1, wrapping
     around after the last; rank r reads every W-th block of B windows (rank-strided).
+Packed documents: `doc_ids_from` numbers the documents of a batch's rows from its eot tokens
+(prepare puts one before every document), the doc_ids a GPT keeps attention within.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class ShardLoader:
             raise TritonGPTError(f"ShardLoader: the saved state is for {mode} order; this loader's sequential="
                                  f"{self.sequential}")
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+def doc_ids_from(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) document ids of the token rows idx (B, T): each eot token starts a new document."""
+    return torch.cumsum((idx == eot_id).to(torch.int32), dim=1)
 
 
 def _read_meta(data_dir: Path) -> dict | None:

@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     comp.add_argument("--emit-table", action="store_true",
                       help="instead of the report, compile every candidate config of the kernels that keep a "
                            "config table (e.g. attention) and record those that pass for this arch and Triton "
-                           "version in the table's module (kept: entries of other arches and versions)")
+                           "version in the table's JSON file (kept: entries of other arches and versions)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.kernels import registry
+    from tritongpt.kernels import registry  # lazy: keeps `tritongpt --help` torch-free
     if args.kernels_command == "list":
         rows = [(op, "--" + op.replace("_", "-"), registry.env_var(op),
                  ", ".join(f"{n}{'' if registry.usable(op, n) else ' (not here)'}" for n in registry.backends(op)))
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
         return 0
-    from tritongpt.kernels import compile_report
+    from tritongpt.kernels import compile_report  # lazy: keeps `tritongpt --help` torch-free
     if args.emit_table:
         return _emit_table(args.arch, args.filter)
     rows = compile_report.report(args.arch, args.filter)
@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _emit_table(arch: str, name_filter: str) -> int:
-    import triton
+    import triton  # lazy: keeps `tritongpt --help` torch-free
 
-    from tritongpt.kernels import compile_report
-    from tritongpt.progress import Progress
+    from tritongpt.kernels import compile_report  # lazy: keeps `tritongpt --help` torch-free
+    from tritongpt.progress import Progress  # lazy: keeps `tritongpt --help` fast
     progress = Progress(1, label=f"emit-table {arch}", stream=sys.stderr)
 
     def step(done: int, total: int) -> None:

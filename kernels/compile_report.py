@@ -1,18 +1,20 @@
 """Ahead-of-time compile of every registered Triton kernel and autotune config for a GPU
 architecture, without a GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`.
 
-Kernel files describe what to compile by calling `register_variants(provider)` with a function
-that yields `KernelVariant`s (built with `jit_variant`, which specializes arguments the way
-Triton's JIT specializes a real call, or with `autotune_variants`). The report reads the PTX for
-what decides speed: tensor-core instructions and the smallest wgmma/mma N they use, whether TMA
-(`cp.async.bulk.tensor`) appears, and the widest global load (bits per thread per instruction);
-it runs Triton's bundled `ptxas -v` for registers and spills.
+Kernel files (through their `<op>_configs.py`) describe what to compile by calling
+`register_variants(provider)` with a function that yields `KernelVariant`s (built with
+`jit_variant`, which specializes arguments the way Triton's JIT specializes a real call, or with
+`autotune_variants`). The report reads the PTX for what decides speed: tensor-core instructions
+and the smallest wgmma/mma N they use, whether TMA (`cp.async.bulk.tensor`) appears, and the
+widest global load (bits per thread per instruction); it runs Triton's bundled `ptxas -v` for
+registers and spills.
 
-Config tables: a kernel file may also `register_table(path, provider)`: its provider yields
+Config tables: a configs module may also `register_table(path, provider)`: its provider yields
 candidate variants, each with a `table_entry` (key, config name). `emit_table` compiles them and
-records, per architecture and Triton version, the configs that passed under each key into the
-Python module at `path`; `passing(table, arch)` gives the configs that passed under every Triton
-version recorded, which is what a kernel's autotune pruner may offer.
+records, per architecture and Triton version, the configs that passed under each key in the JSON
+file at `path` (`write_table`, `read_table`); `passing(table, arch)` gives the configs that passed
+under every Triton version recorded, which is what a kernel's autotune pruner may offer. The
+kernel's configs module says how to regenerate its table (kernels/attention_configs.py).
 
     tritongpt kernels compile --arch sm_90
     tritongpt kernels compile --arch sm_90 --filter attn --emit-table
@@ -20,9 +22,8 @@ version recorded, which is what a kernel's autotune pruner may offer.
 
 from __future__ import annotations
 
-import ast
 import inspect
-import pprint
+import json
 import re
 import subprocess
 import tempfile
@@ -31,18 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.files import atomic_write
+from tritongpt.kernels import registry
 from tritongpt.kernels.registry import interpreting
 
 # Largest dynamic shared memory one block may opt into, bytes (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCHES = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 _INT32 = range(-2**31, 2**31)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,31 @@ class CompileRow:
     extra: dict = field(default_factory=dict)
 
 
+def triton_type(dtype: torch.dtype) -> str:
+    """Triton's name of a torch dtype in kernel signatures: 'fp32', 'fp16', 'bf16'."""
+    return _TRITON_TYPES[dtype]
+
+
+def pointer_type(dtype: torch.dtype) -> str:
+    """The signature type of a pointer to `dtype` tensor data: '*fp32', '*fp16', '*bf16'."""
+    return "*" + triton_type(dtype)
+
+
 _PROVIDERS: list[Callable[..., Iterable[KernelVariant]]] = []
 _TABLES: list[tuple[Path, Callable[..., Iterable[KernelVariant]]]] = []
 
 
 def register_variants(provider: Callable[..., Iterable[KernelVariant]]) -> Callable:
-    """Kernel files call this at import with a function yielding their variants: `provider()`, or
-    `provider(arch)` (e.g. "sm_80") when it takes an argument, to yield that architecture's."""
+    """Kernel files (through their configs modules) call this at import with a function yielding
+    their variants: `provider()`, or `provider(arch)` (e.g. "sm_80") when it takes an argument, to
+    yield that architecture's."""
     _PROVIDERS.append(provider)
     return provider
 
 
 def register_table(path: Path, provider: Callable[..., Iterable[KernelVariant]]) -> Callable:
     """A kernel file's config table: `provider` yields candidate variants with `table_entry` set;
-    `emit_table` writes the results to the Python module at `path` (see `write_table`)."""
+    `emit_table` writes the results to the JSON file at `path` (see `write_table`)."""
     _TABLES.append((Path(path), provider))
     return provider
 
@@ -160,7 +175,6 @@ def _provide(provider: Callable, arch: str) -> Iterable[KernelVariant]:
 
 def variants(arch: str = "sm_90") -> list[KernelVariant]:
     """Every registered variant; providers that take an architecture get `arch`."""
-    from tritongpt.kernels import registry
     registry.load()  # importing the kernel files registers their variants
     return [v for provider in _PROVIDERS for v in _provide(provider, arch)]
 
@@ -264,27 +278,10 @@ def format_table(rows: list[CompileRow], arch: str) -> str:
 # Config tables: which candidate configs compile cleanly, per architecture and Triton version
 # ----------------------------------------------------------------------------------------------
 
-_TABLE_DOC = '''"""Generated by `tritongpt kernels compile --emit-table` (kernels/compile_report.py): do not edit.
-
-PASSED[arch][triton version][key][config] = shared memory bytes: the candidate configs of each
-kernel variant key that compiled for `arch` without register spills and within its shared memory
-under that Triton version. A kernel keeps a config only where it passed under every Triton
-version recorded for the GPU's architecture (`compile_report.passing`), so the table holds for
-each of them. To regenerate, run under each Triton version to support (a venv each), for each
-architecture:
-
-    TRITON_INTERPRET=0 tritongpt kernels compile --arch sm_90 --filter {filter} --emit-table
-    TRITON_INTERPRET=0 tritongpt kernels compile --arch sm_80 --filter {filter} --emit-table
-
-Each run replaces its own (arch, version) entry and keeps the others; delete a version's entry
-to stop requiring it.
-"""
-'''
-
-
 def passing(table: dict, arch: str) -> dict[str, dict[str, int]]:
     """key -> {config: shared bytes} of the configs that passed for `arch` under every Triton
-    version in `table` (PASSED of a generated module); the largest shared memory of the versions."""
+    version in `table` (table[arch][version][key][config] = shared bytes, as `read_table` gives
+    it); the largest shared memory of the versions."""
     runs = list(table.get(arch, {}).values())
     if not runs:
         return {}
@@ -293,29 +290,24 @@ def passing(table: dict, arch: str) -> dict[str, dict[str, int]]:
                   for cfg in set.intersection(*(set(run[key]) for run in runs))} for key in keys}
 
 
-def write_table(path: Path, table: dict, name_filter: str) -> None:
-    """Write `table` as the Python module at `path` (its docstring says how to regenerate it)."""
-    text = _TABLE_DOC.format(filter=name_filter) + "\nPASSED = " + pprint.pformat(table, width=118) + "\n"
+def write_table(path: Path, table: dict) -> None:
+    """Write `table` as JSON to `path`: sorted keys, one entry a line, so a regenerated table diffs
+    line by line against the old one."""
+    text = json.dumps(table, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
-def _read_table(path: Path) -> dict:
-    """PASSED of the generated module at `path` ({} if there is none), read without importing it."""
-    if not path.exists():
-        return {}
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["PASSED"]:
-            return ast.literal_eval(node.value)
-    return {}
+def read_table(path: Path) -> dict:
+    """The table in the JSON file at `path` ({} if there is none)."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def emit_table(arch: str, name_filter: str = "",
                progress: Callable[[int, int], None] = lambda done, total: None) -> list[tuple[Path, int, int]]:
     """Compile every table candidate whose kernel name contains `name_filter` for `arch` and record
-    under this Triton version, in each table's module, the configs that passed under each key:
+    under this Triton version, in each table's file, the configs that passed under each key:
     every candidate variant of that key and config compiled cleanly (after one fails, the rest of
     its key and config are skipped). Returns (path, configs kept, variants compiled) per table."""
-    from tritongpt.kernels import registry
     number = _arch_number(arch)
     registry.load()
     written = []
@@ -339,8 +331,8 @@ def emit_table(arch: str, name_filter: str = "",
             progress(i + 1, len(candidates))
         kept = {key: {cfg: shared for cfg, shared in configs.items() if (key, cfg) not in failed}
                 for key, configs in passed.items()}
-        table = _read_table(path)
+        table = read_table(path)
         table.setdefault(arch, {})[triton.__version__] = kept
-        write_table(path, table, name_filter)
+        write_table(path, table)
         written.append((path, sum(len(c) for c in kept.values()), compiled))
     return written

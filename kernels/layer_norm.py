@@ -18,18 +18,18 @@ Layout of this file (Liger-Kernel ladder):
   3. torch.library custom ops `tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd` with fake
      implementations and autograd, so torch.compile(fullgraph=True) traces through them.
   4. the public functional `layer_norm`, registered as the `triton` backend of op `layer_norm`.
+Tile configs (`row_config`, MAX_BLOCK_N, the reduction's) and the compile report's variants:
+kernels/layer_norm_configs.py.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from tritongpt.errors import require
-from tritongpt.kernels import checks, compile_report, layer_norm_spec, registry
+from tritongpt.kernels import checks, layer_norm_configs, layer_norm_spec, registry
 
 # ----------------------------------------------------------------------------------------------
 # 1. Triton kernels
@@ -391,44 +391,8 @@ def _layer_norm_bwd_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # 2. Launchers: validate, allocate, pick the config, launch. No autograd.
 
-MAX_BLOCK_N = 8192  # widest row held in registers in one pass
-# Wider rows loop over chunks of CHUNK_N columns, 8 per thread: their two-pass backward keeps more
-# live per element (16 per thread spills: sm_80 under Triton 3.9, either arch under 3.6's ptxas).
-CHUNK_N, CHUNK_WARPS = 2048, 8
-MIN_BLOCK_N = 64  # narrower rows share one config (masked lanes cost nothing that matters)
-TILE = 4096  # elements of a (rows, BLOCK_N) tile below MAX_BLOCK_N: narrow rows come several to a tile
-ELEMENTS_PER_THREAD = 16  # of each tensor in a tile: two 16-byte vector loads of 16-bit data
-# The partial-sum reduction: 128 partial rows per step over 32 columns per program, so N = 768 still
-# spreads over 24 programs.
-REDUCE_BLOCK_P, REDUCE_BLOCK_N, REDUCE_WARPS = 128, 32, 4
 BWD_PROGRAMS_PER_SM = 2  # backward programs per SM (fixed per device: fixed summation order)
 INTERPRETER_BWD_PROGRAMS = 4  # few: the interpreter runs programs one by one; several tiles each
-
-
-@dataclass(frozen=True)
-class RowConfig:
-    block_n: int  # columns per chunk
-    num_warps: int
-    one_pass: bool  # the whole row fits one chunk
-    rows: int = 1  # rows per tile
-
-
-def row_config(n: int) -> RowConfig:
-    """The tile config the launchers use for rows of length n (also what the compile report
-    compiles, via `row_configs`): whole rows up to MAX_BLOCK_N, several to a tile when narrow, and
-    as many warps as keep ELEMENTS_PER_THREAD (8 warps for a 4096 tile, 16 for 8192 columns);
-    chunks of CHUNK_N beyond."""
-    if n > MAX_BLOCK_N:
-        return RowConfig(CHUNK_N, CHUNK_WARPS, False)
-    block_n = max(triton.next_power_of_2(n), MIN_BLOCK_N)
-    rows = max(TILE // block_n, 1)
-    return RowConfig(block_n, rows * block_n // (32 * ELEMENTS_PER_THREAD), True, rows)
-
-
-def row_configs() -> list[RowConfig]:
-    """Every distinct config `row_config` can return."""
-    widths = [MIN_BLOCK_N << k for k in range((MAX_BLOCK_N // MIN_BLOCK_N).bit_length())]
-    return [row_config(n) for n in widths + [MAX_BLOCK_N + 1]]
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -479,7 +443,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if m == 0:
         return y, s, mean, rstd
     r2 = _rows(residual, n) if residual is not None else None
-    cfg = row_config(n)
+    cfg = layer_norm_configs.row_config(n)
     _layer_norm_fwd_kernel[(triton.cdiv(m, cfg.rows),)](
         x2, r2, weight, bias, y, s if residual is not None else None, mean, rstd,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, m, n, eps,
@@ -533,7 +497,7 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         db.zero_()
         return dx, dw, db
     ds2 = _rows(ds, n) if ds is not None else None
-    cfg = row_config(n)
+    cfg = layer_norm_configs.row_config(n)
     # whole tiles per program (a partial tile only at the end of M), programs a fixed number per SM
     programs = _bwd_programs(triton.cdiv(m, cfg.rows), s.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), cfg.rows) * cfg.rows
@@ -547,10 +511,11 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         HAS_DS=ds is not None, HAS_WEIGHT=has_dw, HAS_DB=has_bias,
         BLOCK_N=cfg.block_n, ROWS=cfg.rows, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
     if has_dw or has_bias:
-        _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+        block_n = layer_norm_configs.REDUCE_BLOCK_N
+        _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, block_n),)](
             dw_partial, db_partial, dw if has_dw else None, db if has_bias else None, programs, n,
-            HAS_DW=has_dw, HAS_DB=has_bias, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N,
-            num_warps=REDUCE_WARPS)
+            HAS_DW=has_dw, HAS_DB=has_bias, BLOCK_P=layer_norm_configs.REDUCE_BLOCK_P, BLOCK_N=block_n,
+            num_warps=layer_norm_configs.REDUCE_WARPS)
     return dx, dw, db
 
 
@@ -630,51 +595,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 
 
 registry.register("layer_norm", "triton", layer_norm, needs="triton", deterministic=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compile report: every (dtype, row config) the launchers can pick, all features on (the most
-# registers), plus the dweight/dbias reduction; pointers, row strides, M and N divisible by 16 as
-# the JIT specializes them for GPT-2 widths (what lets it use vector loads).
-
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-@compile_report.register_variants
-def _variants():
-    for dtype, ptr in _PTR.items():
-        label = str(dtype).removeprefix("torch.")
-        for cfg in row_configs():
-            shape = (f"BLOCK_N={cfg.block_n} ROWS={cfg.rows} {'one-pass' if cfg.one_pass else 'chunked'} "
-                     f"w{cfg.num_warps}")
-            tile = {"BLOCK_N": cfg.block_n, "ROWS": cfg.rows, "ONE_PASS": cfg.one_pass}
-            yield compile_report.KernelVariant(
-                _layer_norm_fwd_kernel, f"{label} {shape} residual+weight+bias",
-                {"X": ptr, "R": ptr, "W": ptr, "B": ptr, "Y": ptr, "S": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
-                 "stride_x_row": "i32", "stride_r_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
-                 "HAS_RESIDUAL": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_BIAS": "constexpr",
-                 "BLOCK_N": "constexpr", "ROWS": "constexpr", "ONE_PASS": "constexpr"},
-                {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile},
-                num_warps=cfg.num_warps, num_stages=1,
-                aligned=("X", "R", "W", "B", "Y", "S", "MEAN", "RSTD", "stride_x_row", "stride_r_row", "M", "N"))
-            row_sums = {} if cfg.one_pass else {"ROW_SUMS": "*fp32"}
-            yield compile_report.KernelVariant(
-                _layer_norm_bwd_kernel, f"{label} {shape} ds+weight+bias",
-                {"DY": ptr, "DS": ptr, "S": ptr, "W": ptr, "MEAN": "*fp32", "RSTD": "*fp32", "DX": ptr,
-                 "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "ROW_SUMS": "*fp32" if row_sums else "constexpr",
-                 "stride_dy_row": "i32", "stride_ds_row": "i32", "stride_s_row": "i32",
-                 "M": "i32", "N": "i32", "rows_per_program": "i32",
-                 "HAS_DS": "constexpr", "HAS_WEIGHT": "constexpr", "HAS_DB": "constexpr",
-                 "BLOCK_N": "constexpr", "ROWS": "constexpr", "ONE_PASS": "constexpr"},
-                {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_DB": True, **tile,
-                 **({} if row_sums else {"ROW_SUMS": None})},
-                num_warps=cfg.num_warps, num_stages=1,
-                aligned=("DY", "DS", "S", "W", "MEAN", "RSTD", "DX", "DW_PARTIAL", "DB_PARTIAL", *row_sums,
-                         "stride_dy_row", "stride_ds_row", "stride_s_row", "M", "N"))
-        yield compile_report.KernelVariant(
-            _layer_norm_bwd_reduce_kernel,
-            f"{label} BLOCK_P={REDUCE_BLOCK_P} BLOCK_N={REDUCE_BLOCK_N} w{REDUCE_WARPS} dw+db",
-            {"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": ptr, "DB": ptr, "P": "i32", "N": "i32",
-             "HAS_DW": "constexpr", "HAS_DB": "constexpr", "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"},
-            {"HAS_DW": True, "HAS_DB": True, "BLOCK_P": REDUCE_BLOCK_P, "BLOCK_N": REDUCE_BLOCK_N},
-            num_warps=REDUCE_WARPS, num_stages=1, aligned=("DW_PARTIAL", "DB_PARTIAL", "DW", "DB", "N"))
+layer_norm_configs.register_compile_variants(fwd=_layer_norm_fwd_kernel, bwd=_layer_norm_bwd_kernel,
+                                             reduce=_layer_norm_bwd_reduce_kernel)

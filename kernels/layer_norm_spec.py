@@ -1,6 +1,6 @@
-"""The `layer_norm` op: its input checks, its plain-PyTorch reference (backend `torch`), Liger's
-kernel when installed (`liger`), and the spec that drives tests, benchmarks and `tritongpt
-verify`. The Triton kernel is `kernels/layer_norm.py`.
+"""The `layer_norm` op's contract: its input checks, its plain-PyTorch reference (backend
+`torch`), and the spec that drives tests, benchmarks and `tritongpt verify`. Liger's kernel is
+`kernels/layer_norm_backends.py`; the Triton kernel is `kernels/layer_norm.py`.
 
     y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias   over the last dim,
 
@@ -9,8 +9,6 @@ fused residual add, else y.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +40,6 @@ def reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.T
     n = check(x, weight, bias, residual)
     s = x if residual is None else x + residual
     y = F.layer_norm(s, (n,), weight, bias, eps)
-    return y if residual is None else (y, s)
-
-
-def liger(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-          eps: float = 1e-5, residual: torch.Tensor | None = None):
-    """Liger-Kernel's LayerNorm (`pip install liger-kernel`); the residual add runs in PyTorch."""
-    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-    n = check(x, weight, bias, residual)
-    s = x if residual is None else x + residual
-    ones = torch.ones(n, dtype=x.dtype, device=x.device)
-    y = LigerLayerNormFunction.apply(s, ones if weight is None else weight,
-                                     torch.zeros_like(ones) if bias is None else bias, eps)
     return y if residual is None else (y, s)
 
 
@@ -91,5 +76,3 @@ def work(case: Case, mode: str, dtype: torch.dtype) -> tuple[str, float]:
 
 SPEC = OpSpec("layer_norm", reference, cases, make_inputs, work, size_label="N", model_cases=model_cases)
 registry.register_op(SPEC)
-if importlib.util.find_spec("liger_kernel") is not None:
-    registry.register("layer_norm", "liger", liger, needs="cuda")

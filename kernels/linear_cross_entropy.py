@@ -16,21 +16,18 @@ logits tile made and used on chip, so the (N, V) logits are never written.
 
 Layout of this file (the ladder of the other kernels): 1. `@triton.jit` kernels; 2. launchers
 (validate, allocate, launch); 3. torch.library custom ops with fake implementations and autograd;
-4. the public functional, registered as backend `triton` of op `linear_cross_entropy`; then the
-compile report's variants.
+4. the public functional, registered as backend `triton` of op `linear_cross_entropy`. Tiles
+(`tiles_for`) and the compile report's variants: kernels/linear_cross_entropy_configs.py.
 """
 
 from __future__ import annotations
-
-import dataclasses
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from tritongpt.errors import require
-from tritongpt.kernels import checks, compile_report, registry
+from tritongpt.kernels import checks, linear_cross_entropy_configs, registry
 from tritongpt.kernels.linear_cross_entropy_spec import OP, check, check_targets
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -233,44 +230,6 @@ def _lce_bwd_dw_kernel(
 # 2. Launchers
 
 
-@dataclass(frozen=True)
-class Tiles:
-    block_m: int  # rows per tile
-    block_v: int  # vocabulary entries per tile
-    block_k: int  # C step of the logits dot
-    block_c: int  # columns of dx / dW updated per dot in the backward
-    num_warps: int
-    num_stages: int
-
-
-# One tile shape per input dtype (fixed, so the summation order and hence the result never depend
-# on an autotuner's pick), chosen by the compile report: no spills on sm_80 / sm_90 under Triton
-# 3.6 and 3.9 (BLOCK_C=64 for 16-bit, or 4 warps for fp32, spill or sit at 255 registers).
-TILES = {torch.float16: Tiles(64, 128, 64, 32, 8, 3), torch.bfloat16: Tiles(64, 128, 64, 32, 8, 3),
-         torch.float32: Tiles(64, 64, 32, 64, 8, 2)}
-IEEE_TILES = Tiles(32, 64, 16, 32, 8, 2)  # fp32 dots without tf32 run on CUDA cores: operands in registers
-
-
-# The interpreter runs each tile step as Python over numpy, its dots without BLAS: vocabulary tiles
-# this wide keep a step at GPT-2's vocabulary in seconds there (the tests also run the GPU tiles).
-INTERPRETER_BLOCK_V = 2048
-
-
-def tiles_for(dtype: torch.dtype, precision: str) -> Tiles:
-    """The GPU tiles for inputs of `dtype` and dots of `precision` (checks.input_precision)."""
-    return IEEE_TILES if dtype == torch.float32 and precision == "ieee" else TILES[dtype]
-
-
-def _launch_tiles(dtype: torch.dtype, precision: str, rows: int) -> Tiles:
-    """The tiles a launch over `rows` rows uses: the GPU's; under the interpreter with
-    INTERPRETER_BLOCK_V and no more rows per tile than there are (padding rows cost as real ones)."""
-    tiles = tiles_for(dtype, precision)
-    if not registry.interpreting():
-        return tiles
-    block_m = min(tiles.block_m, max(16, triton.next_power_of_2(rows)))  # 16: tl.dot's smallest
-    return dataclasses.replace(tiles, block_m=block_m, block_v=INTERPRETER_BLOCK_V)
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every tensor a kernel of this file writes is allocated here (the tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -299,7 +258,7 @@ def linear_cross_entropy_fwd(x: torch.Tensor, weight: torch.Tensor, targets: tor
     lse = _empty((n,), torch.float32, x.device)
     if n:
         precision = checks.input_precision(x.dtype)
-        tiles = _launch_tiles(x.dtype, precision, n)
+        tiles = linear_cross_entropy_configs.launch_tiles(x.dtype, precision, n)
         _lce_fwd_kernel[(triton.cdiv(n, tiles.block_m),)](
             x, weight, targets, row_loss, lse, n, c, vocab, x.stride(0), weight.stride(0), ignore_index,
             float(label_smoothing), BLOCK_M=tiles.block_m, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k,
@@ -327,7 +286,7 @@ def linear_cross_entropy_bwd(dloss: torch.Tensor, x: torch.Tensor, weight: torch
         return dx32.to(x.dtype), dw
     scale = (dloss.to(torch.float32) / divisor).reshape(1)
     precision = checks.input_precision(x.dtype)
-    tiles = _launch_tiles(x.dtype, precision, n)
+    tiles = linear_cross_entropy_configs.launch_tiles(x.dtype, precision, n)
     common = dict(BLOCK_M=tiles.block_m, BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, BLOCK_C=tiles.block_c,
                   INPUT_PRECISION=precision, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     args = (n, c, vocab, x.stride(0), weight.stride(0), ignore_index, float(label_smoothing),
@@ -401,37 +360,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 registry.register(OP, "triton", linear_cross_entropy, needs="triton", deterministic=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compile report: the three kernels for each input dtype (and fp32 dot precision) at its tiles.
-
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
-@compile_report.register_variants
-def _variants():
-    scalars = {"N": "i32", "C": "i32", "V": "i32", "stride_x": "i32", "stride_w": "i32", "ignore_index": "i32",
-               "label_smoothing": "fp32"}
-    for dtype, ptr in _PTR.items():
-        # fp32 dots: tf32 (training's setting) and ieee (float32 matmul precision 'highest')
-        for precision in ("tf32", "ieee") if dtype == torch.float32 else ("tf32",):
-            tiles = tiles_for(dtype, precision)
-            label = (f"{str(dtype).removeprefix('torch.')}{' ieee' if precision == 'ieee' else ''} "
-                     f"BLOCK_M={tiles.block_m} BLOCK_V={tiles.block_v} BLOCK_K={tiles.block_k}")
-            meta = {"BLOCK_M": tiles.block_m, "BLOCK_V": tiles.block_v, "BLOCK_K": tiles.block_k,
-                    "INPUT_PRECISION": precision}
-            yield compile_report.KernelVariant(
-                _lce_fwd_kernel, f"{label} w{tiles.num_warps} s{tiles.num_stages}",
-                {"X": ptr, "W": ptr, "TARGETS": "*i64", "LOSS": "*fp32", "LSE": "*fp32", **scalars,
-                 **dict.fromkeys(meta, "constexpr")},
-                meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                aligned=("X", "W", "TARGETS", "LOSS", "LSE", "C", "stride_x", "stride_w"))
-            bwd_meta = {**meta, "BLOCK_C": tiles.block_c}
-            for kernel, out in ((_lce_bwd_dx_kernel, "DX"), (_lce_bwd_dw_kernel, "DW")):
-                yield compile_report.KernelVariant(
-                    kernel, f"{label} BLOCK_C={tiles.block_c} w{tiles.num_warps} s{tiles.num_stages}",
-                    {"X": ptr, "W": ptr, "TARGETS": "*i64", "LSE": "*fp32", "SCALE": "*fp32", out: "*fp32",
-                     **scalars, "smooth_share": "fp32", **dict.fromkeys(bwd_meta, "constexpr")},
-                    bwd_meta, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                    aligned=("X", "W", "TARGETS", "LSE", out, "C", "stride_x", "stride_w"))
+linear_cross_entropy_configs.register_compile_variants(fwd=_lce_fwd_kernel, dx=_lce_bwd_dx_kernel,
+                                                       dw=_lce_bwd_dw_kernel)

@@ -1,9 +1,9 @@
 """The `linear_cross_entropy` op: the GPT's lm_head matmul and its cross-entropy loss as one op,
 so a backend can avoid writing the (tokens, vocabulary) logits, the largest tensor of a training
-step. Here: its input checks, its plain-PyTorch reference (backend `torch`, the loss as the model
-computed it before this op), the row-chunked PyTorch backend (`chunked`), Liger-Kernel's fused
-linear cross-entropy when installed (`liger`), and the spec that drives tests, benchmarks and
-`tritongpt verify`. The Triton kernel is `kernels/linear_cross_entropy.py`.
+step. Here is its contract: its input checks, its plain-PyTorch reference (backend `torch`, the
+loss as the model computed it before this op), and the spec that drives tests, benchmarks and
+`tritongpt verify`. Its other backends (row-chunked PyTorch, Liger-Kernel) are
+`kernels/linear_cross_entropy_backends.py`; the Triton kernel is `kernels/linear_cross_entropy.py`.
 
     z = x @ weight[:V]^T                    (N, V) logits, never stored by chunked / triton
     loss_i = (1 - s) (lse(z_i) - z_i[t_i]) + s (lse(z_i) - mean_j z_ij)      s = label_smoothing
@@ -15,8 +15,6 @@ every backend (PyTorch's mean would be 0/0 = NaN). The loss is fp32 (fp64 for fp
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +75,7 @@ def check_targets(targets: torch.Tensor, ignore_index: int, vocab: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends in plain PyTorch: the reference (`torch`), row chunks (`chunked`), Liger (`liger`)
+# The reference (backend `torch`)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
@@ -91,99 +89,6 @@ def reference(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, igno
     total = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1).long(), ignore_index=ignore_index,
                             label_smoothing=label_smoothing, reduction="sum")
     return total / (targets != ignore_index).sum().clamp_min(1)
-
-
-# Logits elements (rows x V) one chunk of `chunked` holds: 2**23 is 32 MiB in fp32, about 166 rows
-# of GPT-2's vocabulary; a few such temporaries live at once.
-CHUNK_ELEMENTS = 2 ** 23
-
-
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk of `chunked` for a vocabulary of `vocab` (at least 1)."""
-    return max(1, CHUNK_ELEMENTS // vocab)
-
-
-def _chunked_pass(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                  label_smoothing: float, vocab: int, with_grads: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss, divisor, dx, dweight) over row chunks of x (N, C), never more than chunk_rows(vocab)
-    rows of logits at once. With with_grads the gradients of the *summed* row losses (divide by
-    `divisor` for the mean's): dx in x's dtype, dweight (V_padded, C) in fp32 at least (a sum over
-    chunks); else both None."""
-    n = x.shape[0]
-    loss_dtype = torch.promote_types(x.dtype, torch.float32)
-    w = weight[:vocab]
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0).long()  # ignored rows gather column 0, then count 0
-    total = x.new_zeros((), dtype=loss_dtype)
-    dx = torch.empty_like(x) if with_grads else None
-    dw = weight.new_zeros(weight.shape, dtype=loss_dtype) if with_grads else None  # padding rows stay 0
-    rows = chunk_rows(vocab)
-    with torch.autocast(x.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
-        for start in range(0, n, rows):
-            part = slice(start, start + rows)
-            xc, tc, vc = x[part], safe_targets[part], valid[part]
-            z = (xc @ w.T).to(loss_dtype)  # (r, V): the only logits there are, one chunk
-            lse = torch.logsumexp(z, dim=1)
-            row_loss = (1.0 - label_smoothing) * (lse - z.gather(1, tc[:, None]).squeeze(1))
-            if label_smoothing:
-                row_loss = row_loss + label_smoothing * (lse - z.mean(dim=1))
-            total = total + torch.where(vc, row_loss, 0.0).sum()
-            if with_grads:  # d(row loss)/dz = softmax - (1 - s) onehot(t) - s / V, in place of z
-                dz = z.sub_(lse[:, None]).exp_()
-                dz[torch.arange(dz.shape[0], device=dz.device), tc] -= 1.0 - label_smoothing
-                if label_smoothing:
-                    dz.sub_(label_smoothing / vocab)
-                dz = dz.mul_(vc[:, None]).to(x.dtype)  # ignored rows: no gradient
-                torch.mm(dz, w, out=dx[part])
-                dw[:vocab].add_(dz.T @ xc)
-    divisor = valid.sum().clamp_min(1).to(loss_dtype)
-    return total / divisor, divisor, dx, dw
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """The forward computes the gradients too (the loss is a scalar: backward only scales them),
-    so each chunk's logits are made once: 3 matmuls, as for the full logits."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, label_smoothing, vocab):
-        loss, divisor, dx, dw = _chunked_pass(x, weight, targets, ignore_index, label_smoothing, vocab,
-                                              with_grads=True)
-        ctx.save_for_backward(dx, dw, divisor)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        dx, dw, divisor = ctx.saved_tensors
-        scale = dloss / divisor  # 0-dim fp32: dx keeps its dtype, one rounding
-        return dx * scale, (dw * scale).to(ctx.weight_dtype), None, None, None, None
-
-
-def chunked(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-            label_smoothing: float = 0.0, vocab_limit: int | None = None) -> torch.Tensor:
-    """The op in plain PyTorch over row chunks (chunk_rows(V) rows of logits at a time), any
-    device: the memory saving of the fused kernel without Triton."""
-    n, c, vocab = check(x, weight, targets, ignore_index, label_smoothing, vocab_limit)
-    check_targets(targets, ignore_index, vocab)
-    x2, t = x.reshape(n, c), targets.reshape(n)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x2, weight, t, ignore_index, float(label_smoothing), vocab)
-    return _chunked_pass(x2, weight, t, ignore_index, float(label_smoothing), vocab, with_grads=False)[0]
-
-
-def liger(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1,
-          label_smoothing: float = 0.0, vocab_limit: int | None = None) -> torch.Tensor:
-    """Liger-Kernel's fused linear cross-entropy (`pip install liger-kernel`) on weight[:V]. Liger
-    divides by the count of targets, so an all-ignored batch goes to `chunked` (loss 0)."""
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-    n, c, vocab = check(x, weight, targets, ignore_index, label_smoothing, vocab_limit)
-    check_targets(targets, ignore_index, vocab)
-    if not bool((targets != ignore_index).any()):
-        return chunked(x, weight, targets, ignore_index, label_smoothing, vocab_limit)
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, label_smoothing=label_smoothing)
-    return loss_fn(weight[:vocab], x.reshape(n, c), targets.reshape(n).long()).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +163,3 @@ def chunked_oracle(inputs: Inputs, dtype: torch.dtype) -> tuple[torch.Tensor, li
 SPEC = OpSpec(OP, reference, cases, make_inputs, work, size_label="C", model_cases=model_cases,
               chunked_oracle=chunked_oracle)
 registry.register_op(SPEC)
-registry.register(OP, "chunked", chunked, deterministic=True)
-if importlib.util.find_spec("liger_kernel") is not None:
-    registry.register(OP, "liger", liger, needs="cuda")

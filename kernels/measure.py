@@ -40,7 +40,7 @@ class Timer:
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
-            from triton.testing import do_bench
+            from triton.testing import do_bench  # lazy: triton times CUDA only; the CPU timer needs none
             warmup, rep = (5, 20) if self.quick else (25, 100)
             return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
         budget_s = 0.05 if self.quick else 0.5
@@ -55,6 +55,7 @@ class Timer:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -141,7 +142,7 @@ def check(fn: Callable, inputs: Inputs, reference: tuple[torch.Tensor, list[torc
         sync(device)
         result.first_call_s = time.perf_counter() - start
     except Exception as exc:
-        result.why = _describe(exc)
+        result.why = describe_error(exc)
         return result
     result.ran = True
     result.errors = errors(out, gradients, reference)
@@ -157,9 +158,12 @@ def check(fn: Callable, inputs: Inputs, reference: tuple[torch.Tensor, list[torc
         if timer is not None and result.ok:
             result.ms = timer(runner("fwd+bwd", fn, [inputs]))
     except Exception as exc:  # correct, but the rerun or the timing could not run (e.g. out of memory)
-        result.why = result.why or f"not timed: {_describe(exc)}"
+        result.why = result.why or f"not timed: {describe_error(exc)}"
     return result
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"[:200]
+def describe_error(exc: BaseException) -> str:
+    """One short line for a note: the exception type and the first line of its message, at most
+    200 characters."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"[:200]

@@ -17,7 +17,8 @@ Weights stay in nn.Linear layout (out, in); neither path copies them. `recompute
 nor a for backward, which recomputes both with the forward's fused kernel (saves 2 * M * Hid
 activations per block). Choosing between this backend and others by measurement is the `auto`
 backend's job; `torch._addmm_activation(..., use_gelu=True)` (cuBLASLt's GELU epilogue) is not used:
-it has not been measured against this kernel.
+it has not been measured against this kernel. Autotune configs and the compile report's variants:
+kernels/mlp_configs.py.
 
     python -m pytest -q tests/test_mlp.py                        # CPU: Triton interpreter vs float64, both paths
     python -m pytest -q -m gpu tests/test_mlp.py                 # GPU: bf16, GPT-2 sizes
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from tritongpt.errors import require
-from tritongpt.kernels import checks, compile_report, mlp_spec, registry
+from tritongpt.kernels import checks, mlp_configs, mlp_spec, registry
 
 try:  # host-side TMA descriptors (Triton 3.6 has them); without them every call takes the pointer path
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -42,45 +43,7 @@ _GELU_CUBIC = tl.constexpr(0.044715)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pointer kernel: at most 64 fp32 accumulators per
-# thread (larger tiles spill in the GELU epilogues, compile report sm_90); the small tiles keep every SM
-# busy when M or a width is small. TMA kernel: tutorial 09's Hopper tiles, wgmma on 128-row tiles.
-_POINTER_TILES = [(128, 128, 64, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                  (32, 64, 32, 4, 4)]
-_TMA_TILES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-if registry.interpreting():  # the interpreter would time every config on the CPU (Triton 3.6 even a lone
-    _POINTER_TILES = [_POINTER_TILES[-1]]  # pruned one), so each kernel gets a single small config
-    _TMA_TILES = [(32, 32, 32, 4, 2)]
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: fewer than tiles, so each walks several
-
-
-def _set_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook of the TMA kernel: the host descriptors take the tile shapes of the config
-    being run (the epilogue stores and loads quarter-width column blocks)."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_NK"] else [bk, bn]
-    for name in ("c_desc", "aux_desc"):
-        if nargs[name] is not None:
-            nargs[name].block_shape = [bm, bn // 4]
-
-
-def _configs(tiles, pre_hook=None) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
-                          pre_hook=pre_hook) for bm, bn, bk, w, s in tiles]
-
-
-_POINTER_CONFIGS = _configs(_POINTER_TILES)
-_TMA_CONFIGS = _configs(_TMA_TILES, pre_hook=_set_block_shapes)
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (a 128-row tile for M = 16 wastes 7/8 of it)."""
-    args = {**named_args, **kwargs}
-    m, n, k = (triton.next_power_of_2(args[d]) for d in ("M", "N", "K"))
-    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m) and c.kwargs["BLOCK_N"] <= max(64, n)
-           and c.kwargs["BLOCK_K"] <= max(32, k)]
-    return fit or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -146,8 +109,8 @@ def _column_sums(
     tl.store(col_sum_ptr + part_row.to(tl.int64)[:, None] * N + cols[None, :], values, mask=mask)
 
 
-@triton.autotune(configs=_POINTER_CONFIGS, key=["M", "N", "K", "EPILOGUE"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=mlp_configs.POINTER_CONFIGS, key=["M", "N", "K", "EPILOGUE"],
+                 prune_configs_by={"early_config_prune": mlp_configs.prune_configs})
 @triton.jit
 def _mlp_matmul_kernel(
     a_ptr,  # A (M, K), any strides
@@ -244,8 +207,8 @@ def _tma_epilogue(
     c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "EPILOGUE", "DTYPE"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.autotune(configs=mlp_configs.TMA_CONFIGS, key=["M", "N", "K", "EPILOGUE", "DTYPE"],
+                 prune_configs_by={"early_config_prune": mlp_configs.prune_configs})
 @triton.jit
 def _mlp_tma_kernel(
     a_desc,  # A (M, K) descriptor, blocks (BLOCK_M, BLOCK_K)
@@ -344,11 +307,6 @@ def _programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
-def _sum_rows(path: str) -> int:
-    """Rows of dH per partial column-sum row: the smallest BLOCK_M the path's autotuner may run."""
-    return min(c.kwargs["BLOCK_M"] for c in (_TMA_CONFIGS if path == "tma" else _POINTER_CONFIGS))
-
-
 def _check(a_name: str, a: torch.Tensor, w: torch.Tensor, approximate: str, **others: torch.Tensor | None) -> None:
     """The GELU form, one dtype and device for every tensor, and a dtype and device Triton runs on."""
     require(approximate in mlp_spec.GELU_FORMS,
@@ -370,7 +328,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, w_nk: bool, c: torch.Tensor, aux: 
     m, k = a.shape
     n = c.shape[1]
     common = dict(HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
-                  INPUT_PRECISION=checks.input_precision(a.dtype), SUM_ROWS=_sum_rows(path))
+                  INPUT_PRECISION=checks.input_precision(a.dtype), SUM_ROWS=mlp_configs.sum_rows(path))
     if path == "tma":
         programs = _programs(a.device)
 
@@ -422,7 +380,7 @@ def gelu_grad_matmul(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor,
     if m == 0:
         return dh, dy.new_zeros(n)
     path = choose_path(dy, w2, h, dh)
-    col_sums = _empty(triton.cdiv(m, _sum_rows(path)), n, dy, torch.float32)
+    col_sums = _empty(triton.cdiv(m, mlp_configs.sum_rows(path)), n, dy, torch.float32)
     _launch(dy, w2, False, dh, h, None, col_sums, "gelu_grad", approximate, path)
     return dh, col_sums.sum(0).to(dy.dtype)
 
@@ -525,58 +483,4 @@ def gelu_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: tor
 
 
 registry.register("mlp", "triton", gelu_mlp, needs="triton", deterministic=True)
-
-
-# ----------------------------------------------------------------------------- compile report
-
-# (label, epilogue, approximate): what the op launches; fc carries b1, dH none.
-_USES = [("fc", "gelu_save_h", "tanh"), ("fc", "gelu_save_h", "none"), ("fc recompute", "gelu", "tanh"),
-         ("fc recompute", "gelu", "none"), ("dH", "gelu_grad", "tanh"), ("dH", "gelu_grad", "none")]
-
-
-def _variant(kernel, label: str, types: dict[str, str], constexprs: dict, cfg: triton.Config,
-             unit: tuple[str, ...] = (), arches: tuple[int, ...] = ()) -> compile_report.KernelVariant:
-    """One compile-report variant of `kernel`: `types` for the runtime arguments, constexpr for the
-    rest; None arguments are constexpr None (as at runtime), `unit` strides constexpr 1, and every
-    other pointer, size and stride divisible by 16, as the JIT specializes GPT-2 shapes. `arches`:
-    the architectures `choose_path` runs it on (all when empty)."""
-    fn = compile_report.unwrap(kernel)
-    constexprs = {**{a: None for a in fn.arg_names if a not in types}, **dict.fromkeys(unit, 1), **constexprs,
-                  **cfg.kwargs}
-    signature = {a: "constexpr" if a in constexprs else types[a] for a in fn.arg_names}
-    aligned = tuple(a for a, t in signature.items() if t != "constexpr" and not t.startswith("tensordesc"))
-    meta = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-    return compile_report.KernelVariant(fn, f"{label} {meta} w{cfg.num_warps} s{cfg.num_stages}", signature,
-                                        constexprs, cfg.num_warps, cfg.num_stages, aligned, arches=arches)
-
-
-def _compile_variants():
-    """Every (dtype, epilogue) the MLP launches, for each autotune config of both kernels; the TMA
-    kernel (sm_90 only) has descriptors with the config's block shapes and an H100's 132 programs."""
-    for dtype, torch_dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
-        for label, epilogue, approximate in _USES:
-            fc = label.startswith("fc")
-            flags = {"HAS_BIAS": fc, "EPILOGUE": epilogue, "APPROXIMATE": approximate, "INPUT_PRECISION": "tf32"}
-            name = f"{dtype} {label} {epilogue} {approximate}"
-            used = {"bias_ptr": f"*{dtype}"} if fc else {"col_sum_ptr": "*fp32"}
-            sizes = dict.fromkeys(("M", "N", "K"), "i32")
-
-            pointers = ("a_ptr", "b_ptr", "c_ptr") + (("aux_ptr",) if epilogue != "gelu" else ())
-            strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn", "stride_xm",
-                       "stride_xn")
-            unit = ("stride_ak", "stride_cn", "stride_xn", "stride_bk" if fc else "stride_bn")
-            types = {**used, **sizes, **dict.fromkeys(pointers, f"*{dtype}"), **dict.fromkeys(strides, "i32")}
-            pointer_flags = {**flags, "SUM_ROWS": _sum_rows("pointer")}
-            for cfg in compile_report.autotune_configs(_mlp_matmul_kernel):
-                yield _variant(_mlp_matmul_kernel, f"{name} pointer", types, pointer_flags, cfg, unit)
-
-            tma_flags = {**flags, "DTYPE": torch_dtype, "B_NK": fc, "SUM_ROWS": _sum_rows("tma"), "NUM_SMS": 132}
-            for cfg in compile_report.autotune_configs(_mlp_tma_kernel):
-                bm, bn, bk = (cfg.kwargs[d] for d in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                blocks = {"a_desc": (bm, bk), "b_desc": (bn, bk) if fc else (bk, bn), "c_desc": (bm, bn // 4)}
-                blocks |= {"aux_desc": (bm, bn // 4)} if epilogue != "gelu" else {}
-                types = {**used, **sizes, **{d: f"tensordesc<{dtype}[{r}, {c}]>" for d, (r, c) in blocks.items()}}
-                yield _variant(_mlp_tma_kernel, f"{name} tma", types, tma_flags, cfg, arches=(90,))
-
-
-compile_report.register_variants(_compile_variants)
+mlp_configs.register_compile_variants(pointer=_mlp_matmul_kernel, tma=_mlp_tma_kernel)

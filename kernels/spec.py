@@ -8,8 +8,8 @@ and `tritongpt verify` iterate over the registered specs, so they know no op by 
     inputs = spec.make_inputs(case, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
     out, grads = spec.oracle(inputs, torch.float64)    # the float64 reference: output and input gradients
 
-Each op's spec lives beside its kernel (`kernels/<op>_spec.py`), together with the op's input
-checks and its plain-PyTorch reference (the `torch` backend). See README "Adding an op".
+Each op's spec lives beside its kernels (`kernels/<op>_spec.py`, the op's contract), together with
+the op's input checks and its plain-PyTorch reference (the `torch` backend). See README "Adding an op".
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 # The dtype names used on the command line, in configs and in benchmark rows.
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Max relative error vs a float64 reference (DEVELOPERS.md). fp32 dots on a GPU may use tf32.
+# The project's tolerance rule: the max relative error of every backend vs a float64 reference,
+# per dtype. fp32 dots on a GPU may use tf32.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 TF32_TOL = 1e-3
 

@@ -86,7 +86,7 @@ class GPT(nn.Module):
             raise TritonGPTError(f"set_backends: unknown op(s) {', '.join(unknown)}; ops: {', '.join(MODEL_OPS)}")
         config = dataclasses.replace(self.config, **choices)
         for op in MODEL_OPS:
-            registry.choose(op, getattr(config, op), config.backend)
+            registry.choose(op, getattr(config, op), config.backend, backward=False)  # as resolve_op does
         for module in self.modules():
             if hasattr(module, "resolve_op"):
                 module.resolve_op(config)

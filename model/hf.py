@@ -106,11 +106,11 @@ def load_hf(directory: str | os.PathLike, **overrides) -> GPT:
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: the optional hf extra
         return load_file(directory / "model.safetensors")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: the optional hf extra
         weights = {}
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
             weights.update(load_file(directory / shard))
@@ -142,7 +142,7 @@ def save_hf(model: GPT, directory: str | os.PathLike, overwrite: bool = False) -
     """Write `model` as a GPT-2 checkpoint directory (config.json + model.safetensors), built in
     a temporary sibling directory and renamed into place. An existing `directory` is replaced
     only with overwrite=True."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: the optional hf extra
 
     directory = Path(directory)
     config = hf_config(model.config)

@@ -19,9 +19,11 @@ from tritongpt.model.config import GPTConfig
 
 
 def resolve_op(op: str, config: GPTConfig) -> tuple[str, Callable]:
-    """(backend name, callable) for `op` from the config's field of that name, then its `backend`."""
-    name = registry.choose(op, getattr(config, op), config.backend)
-    return name, registry.resolve(op, name)
+    """(backend name, callable) for `op` from the config's field of that name, then its `backend`.
+    A model may be built for inference only: a backend that cannot train here (no backward) is
+    accepted, and the trainer checks its backends for gradients (train/auto.resolve_backends)."""
+    name = registry.choose(op, getattr(config, op), config.backend, backward=False)
+    return name, registry.resolve(op, name, backward=False)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -22,7 +22,8 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import attention as attn
-from tritongpt.kernels import attention_spec, attention_table, checks, compile_report, registry
+from tritongpt.kernels import attention_backends, attention_spec, checks, compile_report, registry
+from tritongpt.kernels import attention_configs as attn_configs
 
 ON_GPU = torch.cuda.is_available()
 CPU = torch.device("cpu")
@@ -130,10 +131,10 @@ def test_packed_qkv_views_through_autograd(dtype, causal, window, device):
 
 @pytest.mark.parametrize("causal,window,n_docs", [(True, None, 0), (False, None, 0), (True, 7, 0), (False, None, 2)])
 def test_agrees_with_torch_sdpa(causal, window, n_docs, device):
-    """The same fp32 inputs through F.scaled_dot_product_attention (via attention_spec.sdpa)."""
+    """The same fp32 inputs through F.scaled_dot_product_attention (via attention_backends.sdpa)."""
     q, k, v, _, docs = _inputs(1, 33, 65, 4, 2, 32, torch.float32, device, seed=2, n_docs=n_docs)
     ours = attn.flash_attention(q, k, v, causal, None, window, docs)
-    theirs = attention_spec.sdpa(q, k, v, causal, None, window, docs)
+    theirs = attention_backends.sdpa(q, k, v, causal, None, window, docs)
     assert_rel_close(ours, theirs, 2 * tol(torch.float32, tf32=ON_GPU), "out vs sdpa")
 
 
@@ -225,7 +226,7 @@ def test_doc_ids_with_more_queries_than_keys_is_an_error(device):
     """Non-causal T > S has no key position for the first queries' documents."""
     q, k, v = _qkv(device, t=8, s=4)
     doc_ids = torch.randint(0, 2, (1, 4), device=device)
-    for fn in (attn.flash_attention, attention_spec.reference, attention_spec.sdpa):
+    for fn in (attn.flash_attention, attention_spec.reference, attention_backends.sdpa):
         with pytest.raises(TritonGPTError, match=r"doc_ids need query length \(8\) <= key length \(4\)"):
             fn(q, k, v, causal=False, doc_ids=doc_ids)
 
@@ -241,23 +242,28 @@ def test_preallocated_outputs_are_checked(device):
 # ----------------------------------------------------------------------------------------------
 
 ARCHES = ("sm_80", "sm_90")
-CONFIG_KEYS = [(kind, dtypes, d, grouped) for kind in attn.KINDS for dtypes in attn.DTYPE_CLASSES
-               for d in attn.HEAD_DIMS for grouped in (False, True)]
+CONFIG_KEYS = [(kind, dtypes, d, grouped) for kind in attn_configs.TUNED_KERNELS
+               for dtypes in attn_configs.DTYPE_CLASSES for d in attn.HEAD_DIMS for grouped in (False, True)]
+TUNED_KERNELS = {"fwd": attn._attn_fwd_kernel, "dq": attn._attn_bwd_dq_kernel, "dkdv": attn._attn_bwd_dkdv_kernel}
 
 
 def _kept(kind, arch, dtypes="16-bit", d=64, grouped=False, tma_ok=True, t=4096, s=4096):
-    return attn.kept_configs(kind, arch, dtypes, d, grouped, tma_ok, t, s)
+    return attn_configs.kept_configs(kind, arch, dtypes, d, grouped, tma_ok, t, s)
 
 
 def _elements(cfg):
     return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
 
 
+def _names(configs):
+    return " ".join(attn_configs.config_name(c) for c in configs)
+
+
 def test_table_records_triton_36_and_the_newest_for_both_arches():
     """The table is generated (kernels compile --emit-table) under Triton 3.6, the GPU machine's,
     and the newest; a config counts only where it passed under both."""
     for arch in ARCHES:
-        versions = attention_table.PASSED[arch]
+        versions = attn_configs.table()[arch]
         assert any(v.startswith("3.6.") for v in versions), (arch, sorted(versions))
         assert any(tuple(map(int, v.split(".")[:2])) >= (3, 9) for v in versions), (arch, sorted(versions))
 
@@ -266,12 +272,12 @@ def test_table_records_triton_36_and_the_newest_for_both_arches():
 def test_every_16_bit_call_keeps_a_config_that_compiled(arch):
     """Every kernel, head dim and GROUP kind has 16-bit configs that compiled without spills under
     every recorded Triton version (no fallback); fp32 has them up to head dim 128."""
-    passing = compile_report.passing(attention_table.PASSED, arch)
+    passing = compile_report.passing(attn_configs.table(), arch)
     for kind, dtypes, d, grouped in CONFIG_KEYS:
         if dtypes == "16-bit" or d <= 128:
-            names = passing[attn.table_key(kind, dtypes, d, grouped)]
+            names = passing[attn_configs.table_key(kind, dtypes, d, grouped)]
             kept = _kept(kind, arch, dtypes, d, grouped)
-            assert names and {attn.config_name(c) for c in kept} <= set(names), (arch, kind, dtypes, d, grouped)
+            assert names and {attn_configs.config_name(c) for c in kept} <= set(names), (arch, kind, dtypes, d, grouped)
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -287,7 +293,7 @@ def test_hopper_backward_keeps_tensor_core_sized_tiles(d, grouped):
 
 def test_hopper_forward_keeps_128x128_with_tma_at_head_dim_128():
     kept = _kept("fwd", "sm_90", d=128)
-    assert any(_elements(c) == 128 * 128 and c.kwargs["USE_TMA"] for c in kept), [attn.config_name(c) for c in kept]
+    assert any(_elements(c) == 128 * 128 and c.kwargs["USE_TMA"] for c in kept), _names(kept)
     for d in attn.HEAD_DIMS:  # every head dim: the autotuner can pick TMA on Hopper
         assert any(c.kwargs["USE_TMA"] for c in _kept("fwd", "sm_90", d=d)), d
     for dtypes in ("fp32", "fp32-ieee"):  # and fp32, with tf32 or IEEE dots
@@ -298,19 +304,20 @@ def test_pruner_rules():
     """TMA configs only on sm_90 and only for tensors that suit descriptors; no block longer than
     the (power-of-two) sequence beyond 64; the GPU's shared memory bounds the configs."""
     for arch in ARCHES:
-        for kind in attn.KINDS:
+        for kind in attn_configs.TUNED_KERNELS:
             assert not any(c.kwargs.get("USE_TMA") for c in _kept(kind, arch, tma_ok=False))
             short = _kept(kind, arch, t=16, s=4096)
             assert short and all(c.kwargs["BLOCK_M"] <= 64 for c in short), kind
-    assert not any(c.kwargs.get("USE_TMA") for kind in attn.KINDS for c in _kept(kind, "sm_80"))
-    assert not any(c.kwargs.get("USE_TMA") for kind in attn.KINDS for c in _kept(kind, "sm_86"))
-    small = attn.kept_configs("fwd", "sm_90", "16-bit", 128, False, True, 4096, 4096, shared_limit=101376)
+    assert not any(c.kwargs.get("USE_TMA") for kind in attn_configs.TUNED_KERNELS for c in _kept(kind, "sm_80"))
+    assert not any(c.kwargs.get("USE_TMA") for kind in attn_configs.TUNED_KERNELS for c in _kept(kind, "sm_86"))
+    small = attn_configs.kept_configs("fwd", "sm_90", "16-bit", 128, False, True, 4096, 4096, shared_limit=101376)
     assert small and len(small) < len(_kept("fwd", "sm_90", d=128))
 
 
 def test_no_table_entry_falls_back_to_the_smallest_single_stage_config():
-    kept = attn.kept_configs("dkdv", "sm_90", "16-bit", 48, False, True, 4096, 4096)  # no such head dim
-    assert [(_elements(c), c.num_stages) for c in kept] == [(_elements(attn._smallest("dkdv", "16-bit")), 1)]
+    kept = attn_configs.kept_configs("dkdv", "sm_90", "16-bit", 48, False, True, 4096, 4096)  # no such head dim
+    smallest = attn_configs.smallest_config("dkdv", "16-bit")
+    assert [(_elements(c), c.num_stages) for c in kept] == [(_elements(smallest), 1)]
 
 
 def _union_of_kept_configs(kind):
@@ -326,13 +333,13 @@ def _union_of_kept_configs(kind):
 
 def _pinned_rounds():
     """Rounds of (fwd, dq, dkdv) configs covering every kept config of every kernel."""
-    union = {kind: _union_of_kept_configs(kind) for kind in attn.KINDS}
+    union = {kind: _union_of_kept_configs(kind) for kind in attn_configs.TUNED_KERNELS}
     rounds = max(len(configs) for configs in union.values())
     return [{kind: configs[i % len(configs)] for kind, configs in union.items()} for i in range(rounds)]
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's check; on a GPU the autotuner runs these configs")
-@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: " ".join(attn.config_name(c) for c in r.values()))
+@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: _names(r.values()))
 def test_every_kept_config_runs_correctly_under_the_interpreter(configs):
     """Each tile and load path the real pruner can pick (union of sm_80 and sm_90) on a ragged GQA
     case with T != S that crosses a 128-key block and keeps every mask region busy."""
@@ -341,7 +348,7 @@ def test_every_kept_config_runs_correctly_under_the_interpreter(configs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: " ".join(attn.config_name(c) for c in r.values()))
+@pytest.mark.parametrize("configs", _pinned_rounds(), ids=lambda r: _names(r.values()))
 @pytest.mark.parametrize("shape", [(1, 150, 150, 2, 2, 64, False, None, 0), (2, 130, 257, 4, 2, 80, True, None, 3),
                                    (1, 129, 129, 2, 1, 128, True, 50, 0)])
 def test_every_kept_config_on_more_shapes(configs, shape, device):
@@ -411,8 +418,8 @@ def test_fp32_dot_precision_follows_torch(monkeypatch):
     assert checks.input_precision(torch.bfloat16) == "tf32"
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert checks.input_precision(torch.float32) == "tf32"
-    assert attn.dtype_class(torch.float32, "ieee") == "fp32-ieee"
-    assert all("INPUT_PRECISION" in kernel.keys for kernel in attn._KERNELS.values())
+    assert attn_configs.dtype_class(torch.float32, "ieee") == "fp32-ieee"
+    assert all("INPUT_PRECISION" in kernel.keys for kernel in TUNED_KERNELS.values())
 
 
 def test_autotune_choice_is_cached_on_disk_where_triton_can():
@@ -420,7 +427,8 @@ def test_autotune_choice_is_cached_on_disk_where_triton_can():
     choice on disk (Triton >= 3.3's cache_results), and no config has a pre_hook (which would
     disable that cache). Checked outside the interpreter, where the cache applies."""
     code = ("from tritongpt.kernels import attention as a\n"
-            "print([(k.cache_results, any(c.pre_hook for c in k.configs)) for k in a._KERNELS.values()])")
+            "kernels = (a._attn_fwd_kernel, a._attn_bwd_dq_kernel, a._attn_bwd_dkdv_kernel)\n"
+            "print([(k.cache_results, any(c.pre_hook for c in k.configs)) for k in kernels])")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -463,7 +471,7 @@ def _errors_vs_pytorch(b, t, s, h, h_kv, d, causal, window, n_docs, dtype):
     out64, _, *grads64 = _reference(q, k, v, do, causal, None, window, docs)
     ref = (out64, *grads64)
     errors = []
-    for fn in (attn.flash_attention, attention_spec.sdpa):
+    for fn in (attn.flash_attention, attention_backends.sdpa):
         qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
         out = fn(qq, kk, vv, causal, None, window, docs)
         out.backward(do)
@@ -524,10 +532,10 @@ def test_every_kept_config_on_gpu():
     """Each config the pruner keeps on this GPU (bf16, D = 64 and 128, GQA, causal with doc ids),
     pinned one at a time: every tile and load path the autotuner may pick is right."""
     device = torch.device("cuda")
-    arch, shared = attn._device_arch(device)
+    arch, shared = attn_configs._device_arch(device)
     for d in (64, 128):
-        union = {kind: attn.kept_configs(kind, arch, "16-bit", d, True, True, 1024, 1024, shared)
-                 for kind in attn.KINDS}
+        union = {kind: attn_configs.kept_configs(kind, arch, "16-bit", d, True, True, 1024, 1024, shared)
+                 for kind in attn_configs.TUNED_KERNELS}
         q, k, v, do, docs = _inputs(2, 1000, 1000, 4, 2, d, torch.bfloat16, device, seed=12, n_docs=3)
         expected = _reference(q, k, v, do, True, None, None, docs)
         for i in range(max(len(c) for c in union.values())):
@@ -535,7 +543,7 @@ def test_every_kept_config_on_gpu():
             with attn.pinned_configs(**configs):
                 out, lse = attn.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(d), None, docs)
                 grads = attn.flash_attn_bwd(do, q, k, v, out, lse, True, 1 / math.sqrt(d), None, docs)
-            label = " ".join(attn.config_name(c) for c in configs.values())
+            label = _names(configs.values())
             for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (expected[0], *expected[2:])):
                 assert_rel_close(got, want, tol(torch.bfloat16), f"{name} [{label}]")
 

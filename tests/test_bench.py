@@ -1,5 +1,6 @@
 """`tritongpt bench`: the quick suite runs on the CPU end to end and its files agree with each
-other; FLOP/byte counts and sweeps match the issue; failures become rows, not crashes."""
+other; the full sweeps' shapes and the FLOP/byte counts are the intended ones; failures become
+rows, not crashes."""
 
 import contextlib
 import csv
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritongpt.bench import kernels, report, step
+from tritongpt.bench import step, sweeps, tables
 from tritongpt.cli import main
 from tritongpt.kernels import registry
 from tritongpt.kernels.measure import Timer
@@ -59,7 +60,7 @@ def test_quick_run_succeeds_and_prints_table(quick_run):
         assert "CPU TIMES" in stdout
 
 
-def test_json_header(quick_run):
+def test_json_header_names_device_software_and_ceilings(quick_run):
     *_, data = quick_run
     head = data["header"]
     for name in HEADER_FIELDS:
@@ -79,7 +80,7 @@ def test_csv_rows_match_json_rows(quick_run):
     rows = list(csv.DictReader(line for line in text.splitlines() if not line.startswith("#")))
     assert len(rows) == len(data["rows"]) > 0
     for from_csv, from_json in zip(rows, data["rows"]):
-        assert list(from_csv) == list(report.COLUMNS) == list(from_json)
+        assert list(from_csv) == list(tables.COLUMNS) == list(from_json)
         for key, value in from_json.items():
             if value is None:
                 assert from_csv[key] == "", key
@@ -89,7 +90,7 @@ def test_csv_rows_match_json_rows(quick_run):
                 assert from_csv[key] == str(value), key
 
 
-def test_every_registered_backend_appears(quick_run):
+def test_every_backend_and_step_combination_has_rows(quick_run):
     rows, skipped = quick_run[-1]["rows"], quick_run[-1]["header"]["skipped"]
     for op in registry.ops():
         providers = {r["provider"] for r in rows if r["op"] == op}
@@ -99,11 +100,11 @@ def test_every_registered_backend_appears(quick_run):
     assert [r["provider"] for r in rows if r["op"] == "step"] == [c.name for c in step.combos(compile=False)]
 
 
-def test_errors_finite_and_small(quick_run):
-    device = kernels.default_device()
-    tol = kernels.row_tolerance(kernels.default_dtype(device), device)
+def test_kernel_errors_are_finite_and_within_tolerance(quick_run):
+    device = sweeps.default_device()
+    tol = sweeps.row_tolerance(sweeps.default_dtype(device), device)
     for r in [r for r in quick_run[-1]["rows"] if r["op"] in registry.ops()]:
-        assert kernels.FLAG not in r["note"], r
+        assert sweeps.FLAG not in r["note"], r
         if r["provider"] == "triton" and not registry.triton_usable(device):
             continue  # a row saying it needs CUDA or the interpreter
         assert r["err_out"] is not None and r["err_grad"] is not None, r
@@ -112,34 +113,34 @@ def test_errors_finite_and_small(quick_run):
             assert r["err_out"] <= tol and r["err_grad"] <= tol, r
 
 
-def test_timed_rows_and_interpreter_rows(quick_run):
+def test_torch_rows_are_timed_and_interpreted_triton_rows_are_not(quick_run):
     rows = [r for r in quick_run[-1]["rows"] if r["op"] in registry.ops()]
     for r in rows:
         if registry.interpreting() and r["provider"] == "triton":
-            assert r["ms"] is None and r["note"] == kernels.INTERPRETER_NOTE, r  # never timed
+            assert r["ms"] is None and r["note"] == sweeps.INTERPRETER_NOTE, r  # never timed
         elif r["provider"] in ("torch", "sdpa"):
             spec = registry.spec(r["op"])
             unit, _ = spec.work(spec.cases(True)[0], r["mode"], torch.float32)
             assert r["ms"] > 0 and r[unit] > 0 and r["pct_peak"] > 0, r
-            if r["provider"] == kernels.BASELINE:
+            if r["provider"] == sweeps.BASELINE:
                 assert r["speedup"] == 1.0
     assert any(r["provider"] == "triton" for r in rows)
 
 
-def test_step_losses_agree(quick_run):
+def test_step_losses_agree_with_the_baseline(quick_run):
     rows = [r for r in quick_run[-1]["rows"] if r["op"] == "step"]
     base = next(r for r in rows if r["provider"] == step.BASELINE)
     assert base["ms"] > 0 and base["tokens_per_s"] > 0 and base["loss"] > 0
     compared = [r for r in rows if r["loss"] is not None]
     assert len(compared) >= 2 if registry.triton_usable() else len(compared) >= 1
-    device = kernels.default_device()
-    tol = step.loss_tolerance(kernels.default_dtype(device), device)
+    device = sweeps.default_device()
+    tol = step.loss_tolerance(sweeps.default_dtype(device), device)
     for r in compared:
         assert abs(r["loss"] - base["loss"]) <= tol * base["loss"], r
         assert step.LOSS_FLAG not in r["note"], r
 
 
-def test_plots_written(quick_run):
+def test_one_png_per_op_and_for_the_step(quick_run):
     pytest.importorskip("matplotlib")
     _, _, out_dir, json_path, _ = quick_run
     for op in (*registry.ops(), "step"):
@@ -150,7 +151,7 @@ def test_plots_written(quick_run):
 # ---- pieces ---------------------------------------------------------------------------------
 
 
-def test_sweeps_follow_the_issue():
+def test_full_sweeps_fix_the_token_count_and_span_the_swept_sizes():
     attention = registry.spec("attention").cases(False)
     assert {c["B"] * c["T"] for c in attention} == {16384}
     assert {c["H"] * c["D"] for c in attention} == {2048}
@@ -165,7 +166,7 @@ def test_sweeps_follow_the_issue():
     assert all(c["H"] == 4 * c["C"] for c in mlps)
 
 
-def test_work_counts():
+def test_flop_and_byte_counts_per_mode():
     work = {op: registry.spec(op).work for op in ("attention", "mlp", "layer_norm")}
     full = Case("attention", (("B", 2), ("T", 8), ("H", 3), ("D", 4)), 8, "", (("causal", False),))
     causal = Case("attention", full.dims, 8, "", (("causal", True),))
@@ -180,19 +181,19 @@ def test_work_counts():
     assert work["layer_norm"](norm, "fwd+bwd", torch.float32)[1] == 4 * (5 * 7 * 9 + 5 * 9)
 
 
-def _tiny_norm_rows(*extra: kernels.Provider) -> list[dict]:
+def _tiny_norm_rows(*extra: sweeps.Provider) -> list[dict]:
     device = torch.device("cpu")
     timer = Timer(device, quick=True)
-    found = [p for p in kernels.providers("layer_norm", device, compile=False)[0] if p.name == "torch"]
+    found = [p for p in sweeps.providers("layer_norm", device, compile=False)[0] if p.name == "torch"]
     spec = registry.spec("layer_norm")
-    return kernels.run_case(spec, spec.cases(True)[0], found + list(extra), device=device, dtype=torch.float32,
+    return sweeps.run_case(spec, spec.cases(True)[0], found + list(extra), device=device, dtype=torch.float32,
                             timer=timer, ceiling={"copy_gbps": 1.0, "matmul_tflops": 1.0})
 
 
 def test_broken_provider_gives_rows_with_a_note():
     def broken():
         raise RuntimeError("no kernel for this shape")
-    rows = _tiny_norm_rows(kernels.Provider("broken", lambda: lambda *a, **k: broken()))
+    rows = _tiny_norm_rows(sweeps.Provider("broken", lambda: lambda *a, **k: broken()))
     bad = [r for r in rows if r["provider"] == "broken"]
     assert len(bad) == len(MODES)
     assert all(r["ms"] is None and "RuntimeError: no kernel for this shape" in r["note"] for r in bad)
@@ -201,23 +202,23 @@ def test_broken_provider_gives_rows_with_a_note():
 
 def test_wrong_provider_is_flagged():
     torch_norm = registry.resolve("layer_norm", "torch")
-    off = kernels.Provider("off-by-1%", lambda: lambda x, w, b, eps: torch_norm(x, w * 1.01, b, eps))
+    off = sweeps.Provider("off-by-1%", lambda: lambda x, w, b, eps: torch_norm(x, w * 1.01, b, eps))
     rows = _tiny_norm_rows(off)
     wrong = [r for r in rows if r["provider"] == "off-by-1%"]
-    assert all(kernels.FLAG in r["note"] and r["err_out"] > 1e-3 for r in wrong)
-    assert not any(kernels.FLAG in r["note"] for r in rows if r["provider"] == "torch")
+    assert all(sweeps.FLAG in r["note"] and r["err_out"] > 1e-3 for r in wrong)
+    assert not any(sweeps.FLAG in r["note"] for r in rows if r["provider"] == "torch")
 
 
 def test_second_run_does_not_replace_files(tmp_path):
     head = {"tool": "tritongpt bench", "command": "x", "date": "2026-01-02T03:04:05+00:00", "device": "Some GPU",
             "torch": "t", "triton": "tr", "dtype": "bfloat16", "timer": "do_bench", "ceilings": {}, "skipped": []}
-    rows = [report.blank_row(op="layer_norm", provider="torch", mode="fwd", series="layer_norm", shape="M=1 N=2",
+    rows = [tables.blank_row(op="layer_norm", provider="torch", mode="fwd", series="layer_norm", shape="M=1 N=2",
                              size=2, ms=1.5, gbps=2.0)]
-    first = report.write(tmp_path, head, rows)
-    second = report.write(tmp_path, head, rows)
+    first = tables.write(tmp_path, head, rows)
+    second = tables.write(tmp_path, head, rows)
     assert first[0].name == "Some-GPU_2026-01-02.json" and second[0].name == "Some-GPU_2026-01-02_2.json"
     assert json.loads(first[0].read_text())["rows"][0]["ms"] == 1.5
-    assert report.read_csv(second[1]) == [{**rows[0], "size": 2.0}]
+    assert tables.read_csv(second[1]) == [{**rows[0], "size": 2.0}]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -239,19 +240,19 @@ def test_out_must_be_a_directory(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quick_run_with_torch_compile(tmp_path):
+def test_quick_run_times_torch_compile_peers_and_combinations(tmp_path):
     """torch.compile peers and combinations (slow to compile on a CPU)."""
     rc, stdout = _run(["bench", "all", "--quick", "--out", str(tmp_path), *QUICK_STEP])
     assert rc == 0, stdout
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
-    compiled = [r for r in data["rows"] if r["provider"] == kernels.COMPILE]
+    compiled = [r for r in data["rows"] if r["provider"] == sweeps.COMPILE]
     assert {r["op"] for r in compiled} == set(registry.ops())
     assert all(r["ms"] > 0 and r["err_out"] <= 1e-5 for r in compiled), compiled
     assert any(r["provider"] == "compile+sdpa" and r["ms"] for r in data["rows"])
 
 
 @pytest.mark.slow
-def test_pytest_benchmark_suite_runs():
+def test_pytest_benchmark_suite_passes_on_layer_norm():
     result = subprocess.run([sys.executable, "-m", "pytest", "bench/suite", "-q", "-p", "no:cacheprovider",
                              "--benchmark-only", "--benchmark-max-time=0.01", "--benchmark-min-rounds=1",
                              "-k", "layer_norm and not compile"],

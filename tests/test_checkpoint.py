@@ -20,7 +20,7 @@ import torch
 from tritongpt import files
 from tritongpt.errors import TritonGPTError
 from tritongpt.model.gpt import GPT
-from tritongpt.train import checkpoint, config
+from tritongpt.train import checkpoint, config, trainer
 
 
 def tiny_state(step: int, cfg: config.TrainConfig, model: GPT) -> dict:
@@ -224,11 +224,9 @@ def test_checkpoint_from_before_one_config_loads():
 def test_checkpoint_from_before_one_config_resumes(tmp_path):
     """--resume continues the old run as if it had never stopped (the losses of steps 3 and 4
     equal those of the old code's uninterrupted run)."""
-    from tritongpt.train import trainer
-
     shutil.copytree(LEGACY / "run", tmp_path / "run")
     flags = {"out": str(tmp_path / "run"), "resume": "true", "max_steps": "4", "data": str(LEGACY / "data")}
-    assert trainer.train(trainer.configure(flags)) == 0
+    assert trainer.train(config.configure(flags)) == 0
     losses = {str(r["step"]): r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
               if "loss" in r}
     expected = json.loads((LEGACY / "straight_losses.json").read_text())

@@ -167,13 +167,13 @@ def _candidates(arch):
                                          {"BLOCK": block}, table_entry=(f"toy {arch}", f"BLOCK={block}"))
 
 
-compile_report.register_table(Path(__file__).with_name("toy_table.py"), _candidates)
+compile_report.register_table(Path(__file__).with_name("toy_configs.json"), _candidates)
 '''
 
 
 def test_kernels_compile_emit_table(tmp_path):
     """--emit-table compiles a table's candidates and records those that pass under this arch and
-    Triton version; a second arch joins the same module without replacing the first."""
+    Triton version; a second arch joins the same file without replacing the first."""
     (tmp_path / "toy_kernel.py").write_text(TOY_TABLE)
     run = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import toy_kernel; from tritongpt.cli import main; "
            "sys.exit(main(sys.argv[1:]))")
@@ -182,10 +182,10 @@ def test_kernels_compile_emit_table(tmp_path):
                               "_toy_table", "--emit-table"], capture_output=True, text=True,
                              env=without_interpreter(), timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert out.stdout.splitlines()[-1].endswith(f"toy_table.py: {arch}, triton {triton.__version__}: "
+        assert out.stdout.splitlines()[-1].endswith(f"toy_configs.json: {arch}, triton {triton.__version__}: "
                                                     "2 key/config entries pass (3 variants compiled)")
     from tritongpt.kernels import compile_report
-    table = compile_report._read_table(tmp_path / "toy_table.py")
+    table = compile_report.read_table(tmp_path / "toy_configs.json")
     for arch in ("sm_80", "sm_90"):
         assert set(table[arch][triton.__version__]) == {f"toy {arch}"}
         assert set(compile_report.passing(table, arch)[f"toy {arch}"]) == {"BLOCK=64", "BLOCK=128"}

@@ -2,7 +2,7 @@
 sm_90 within its limits, every registered kernel compiles in at least one config (every config,
 for sm_90 and sm_80, under -m slow), a broken variant is a failed row, not a crash; what the
 report reads from PTX (smallest wgmma/mma N, TMA, widest load), variants specialized like the
-JIT's, config tables (intersection over Triton versions, module round trip), and the attention
+JIT's, config tables (intersection over Triton versions, JSON file round trip), and the attention
 configs that carry the Hopper claims compile for sm_90 (CI runs that test under Triton 3.6 too).
 
     python -m pytest -q tests/test_compile_report.py
@@ -20,8 +20,7 @@ import pytest
 import triton
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import attention, compile_report
-from tritongpt.kernels import layer_norm as ln
+from tritongpt.kernels import attention, attention_configs, compile_report, layer_norm_configs
 
 LAYER_NORM_KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_bwd_reduce_kernel"}
 
@@ -30,7 +29,7 @@ LAYER_NORM_KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_laye
 CHILD = """
 import dataclasses, json
 from tritongpt.kernels import compile_report as cr
-from tritongpt.kernels import layer_norm as ln
+from tritongpt.kernels import layer_norm_configs
 rows = cr.report("sm_90", "_layer_norm_")
 good = next(v for v in cr.variants() if v.kernel.__name__ == "_layer_norm_fwd_kernel")
 broken = dataclasses.replace(good, config="BLOCK_N=1000 (not a power of 2)",
@@ -38,7 +37,7 @@ broken = dataclasses.replace(good, config="BLOCK_N=1000 (not a power of 2)",
 bad_row = cr.compile_variant(broken, 90)
 print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "table": cr.format_table(rows, "sm_90"),
                   "bad_row": dataclasses.asdict(bad_row), "bad_table": cr.format_table([bad_row], "sm_90"),
-                  "n_configs": len(ln.row_configs())}))
+                  "n_configs": len(layer_norm_configs.row_configs())}))
 """
 
 
@@ -78,9 +77,9 @@ def test_broken_variant_is_a_failed_row(child_report):
 
 def test_row_configs_are_what_the_report_compiles():
     """The variants come from the launchers' own table, so they cannot drift from it."""
-    configs = {(v.constexprs["BLOCK_N"], v.num_warps, v.constexprs["ONE_PASS"])
-               for v in ln._variants() if v.kernel.__name__ != "_layer_norm_bwd_reduce_kernel"}
-    assert configs == {(c.block_n, c.num_warps, c.one_pass) for c in ln.row_configs()}
+    configs = {(v.constexprs["BLOCK_N"], v.num_warps, v.constexprs["ONE_PASS"]) for v in compile_report.variants()
+               if v.kernel.__name__ in LAYER_NORM_KERNELS - {"_layer_norm_bwd_reduce_kernel"}}
+    assert configs == {(c.block_n, c.num_warps, c.one_pass) for c in layer_norm_configs.row_configs()}
 
 
 def test_unknown_arch():
@@ -193,8 +192,8 @@ def test_report_compiles_the_configs_kept_for_its_arch(monkeypatch):
         prefix = "bf16 D=128 causal "
         got = {v.config.removeprefix(prefix) for v in compiled[number]
                if v.kernel.__name__ == "_attn_fwd_kernel" and v.config.startswith(prefix) and "GQA" not in v.config}
-        kept = attention.kept_configs("fwd", arch, "16-bit", 128, False, True, 1024, 1024)
-        assert got == {attention.config_name(c) for c in kept}, arch
+        kept = attention_configs.kept_configs("fwd", arch, "16-bit", 128, False, True, 1024, 1024)
+        assert got == {attention_configs.config_name(c) for c in kept}, arch
     assert not any(v.config.endswith(" tma") for v in compiled[80])
     names = {n: {v.kernel.__name__ for v in variants} for n, variants in compiled.items()}
     assert names[90] - names[80] == {"_mlp_tma_kernel"}
@@ -207,15 +206,15 @@ def test_passing_is_the_intersection_over_triton_versions():
     assert compile_report.passing(table, "sm_80") == {}
 
 
-def test_table_module_round_trip(tmp_path):
-    table = {"sm_80": {"3.6.0": {"fwd 16-bit D=64": {"64x64 w4 s3": 57344}}}}
-    path = tmp_path / "some_table.py"
-    compile_report.write_table(path, table, "some")
-    assert compile_report._read_table(path) == table
-    namespace = {}
-    exec(path.read_text(), namespace)
-    assert namespace["PASSED"] == table
-    assert "--filter some --emit-table" in namespace["__doc__"]
+def test_table_file_round_trip(tmp_path):
+    """JSON with sorted keys, one entry a line: a regenerated table diffs line by line."""
+    table = {"sm_80": {"3.6.0": {"fwd 16-bit D=64": {"64x64 w4 s3": 57344, "32x32 w8 s2": 16384}}}}
+    path = tmp_path / "some_configs.json"
+    assert compile_report.read_table(path) == {}
+    compile_report.write_table(path, table)
+    assert compile_report.read_table(path) == table
+    assert path.read_text() == json.dumps(table, indent=2, sort_keys=True) + "\n"
+    assert path.read_text().index('"32x32 w8 s2"') < path.read_text().index('"64x64 w4 s3"')
 
 
 # Child process: sm_90 compiles of the attention configs that carry the Hopper claims (what CI
@@ -223,16 +222,19 @@ def test_table_module_round_trip(tmp_path):
 # biggest kept tile, and the forward's 128x128 TMA tile at head dim 128.
 ATTENTION_HOPPER = """
 import dataclasses, json
-from tritongpt.kernels import attention as a, compile_report as cr
+import torch
+from tritongpt.kernels import attention as a, attention_configs as ac, compile_report as cr
+kernels = {"fwd": a._attn_fwd_kernel, "dq": a._attn_bwd_dq_kernel, "dkdv": a._attn_bwd_dkdv_kernel}
 rows = []
-for kind in a.KINDS:
+for kind in ac.TUNED_KERNELS:
     for d in (64, 128):
-        kept = a.kept_configs(kind, "sm_90", "16-bit", d, False, True, 1024, 1024)
+        kept = ac.kept_configs(kind, "sm_90", "16-bit", d, False, True, 1024, 1024)
         big = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], bool(c.kwargs.get("USE_TMA"))))
         picks = [big] + [c for c in kept if kind == "fwd" and d == 128 and c.kwargs["BLOCK_M"] == 128
                          and c.kwargs["BLOCK_N"] == 128 and c.kwargs["USE_TMA"] and c is not big][:1]
         for cfg in picks:
-            row = cr.compile_variant(a._variant(kind, "bf16", d, True, False, False, 1, cfg), 90)
+            variant = ac._variant(kernels[kind], torch.bfloat16, "tf32", d, True, False, False, 1, cfg)
+            row = cr.compile_variant(variant, 90)
             rows.append(dict(dataclasses.asdict(row), kind=kind, d=d, m=cfg.kwargs["BLOCK_M"], n=cfg.kwargs["BLOCK_N"]))
 print(json.dumps(rows))
 """

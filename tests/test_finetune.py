@@ -1,4 +1,4 @@
-"""What practitioners reach for after pretraining (train/init_from.py, train/dashboards.py,
+"""What practitioners reach for after pretraining (train/init_from.py, train/metrics.py's dashboards,
 train/mfu.py, HellaSwag in train/evaluate.py), end to end on the CPU: a run started from a
 Hugging Face GPT-2 has, at its first step, exactly that model's loss on the same batch; one
 started from a checkpoint continues its weights; TensorBoard event files and W&B's offline run
@@ -16,9 +16,11 @@ from test_eval_export import ITEMS
 from test_train import metrics, prepare_tiny, tiny_flags
 
 from tritongpt.data.loader import ShardLoader
+from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
-from tritongpt.train import checkpoint, trainer
-from tritongpt.train.dashboards import check_available
+from tritongpt.train import checkpoint, config, trainer
+from tritongpt.train.evaluate import evaluate, load_items
+from tritongpt.train.metrics import check_available
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +43,7 @@ def hf_dir(tmp_path_factory):
 
 
 def run(flags: dict[str, str]) -> int:
-    return trainer.train(trainer.configure(flags))
+    return trainer.train(config.configure(flags))
 
 
 def finetune_flags(shards, out, source: str, **overrides) -> dict[str, str]:
@@ -82,7 +84,7 @@ def test_init_from_checkpoint_continues_its_weights(shards, tmp_path):
 ])
 def test_init_from_refuses_contradicting_settings(shards, hf_dir, tmp_path, extra, message):
     with pytest.raises(TritonGPTError, match=message):
-        trainer.configure({**finetune_flags(shards, tmp_path / "run", f"hf:{hf_dir}"), **extra})
+        config.configure({**finetune_flags(shards, tmp_path / "run", f"hf:{hf_dir}"), **extra})
     assert not (tmp_path / "run").exists()
 
 
@@ -92,7 +94,7 @@ def test_init_from_refuses_contradicting_settings(shards, hf_dir, tmp_path, extr
 ])
 def test_init_from_bad_source_is_one_error(shards, tmp_path, source, message):
     with pytest.raises(TritonGPTError, match=message):
-        trainer.configure(finetune_flags(shards, tmp_path / "run", source))
+        config.configure(finetune_flags(shards, tmp_path / "run", source))
 
 
 def test_tensorboard_and_wandb_offline_hold_the_metrics(shards, tmp_path, monkeypatch):
@@ -125,9 +127,6 @@ def test_missing_dashboard_extra_is_one_error(monkeypatch):
 
 
 def test_hellaswag_during_training(shards, tmp_path, monkeypatch):
-    from tritongpt.data.tokenizer import get_encoding
-    from tritongpt.train.evaluate import evaluate, load_items
-
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "hellaswag_val.jsonl").write_text("".join(json.dumps(item) + "\n" for item in ITEMS))

@@ -1,8 +1,9 @@
-"""The `linear_cross_entropy` op (kernels/linear_cross_entropy_spec.py: checks, `torch` reference,
-`chunked`; kernels/linear_cross_entropy.py: the fused Triton kernels): every backend against an
-independent float64 loss written out from log-softmax, the ignore / all-ignored / label-smoothing /
-padding-row semantics, poisoned outputs, strided inputs, bad input, the memory claim (no logits
-tensor beyond the chunk budget), and the op inside a real GPT training step (tied embedding).
+"""The `linear_cross_entropy` op (kernels/linear_cross_entropy_spec.py: checks, `torch` reference;
+kernels/linear_cross_entropy_backends.py: `chunked`; kernels/linear_cross_entropy.py: the fused
+Triton kernels): every backend against an independent float64 loss written out from log-softmax,
+the ignore / all-ignored / label-smoothing / padding-row semantics, poisoned outputs, strided
+inputs, bad input, the memory claim (no logits tensor beyond the chunk budget), and the op inside
+a real GPT training step (tied embedding).
 
     python -m pytest -q tests/test_linear_cross_entropy.py            # CPU: Triton interpreter, fp32/fp16
     python -m pytest -q -m slow tests/test_linear_cross_entropy.py    # + GPU tiles at GPT-2 vocab, compile, RSS
@@ -16,9 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tritongpt.errors import TritonGPTError
+from tritongpt.kernels import compile_report, registry
 from tritongpt.kernels import linear_cross_entropy as lce
+from tritongpt.kernels import linear_cross_entropy_backends as backends
+from tritongpt.kernels import linear_cross_entropy_configs as lce_configs
 from tritongpt.kernels import linear_cross_entropy_spec as spec
-from tritongpt.kernels import registry
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPT
 
@@ -78,8 +81,8 @@ def assert_close_to_float64(got, want, dtype, what):
 def chunk_rows(monkeypatch):
     """Set `chunked` to `rows` rows of logits per chunk for a vocabulary `vocab`."""
     def set_rows(rows: int, vocab: int) -> None:
-        monkeypatch.setattr(spec, "CHUNK_ELEMENTS", rows * vocab)
-        assert spec.chunk_rows(vocab) == rows
+        monkeypatch.setattr(backends, "CHUNK_ELEMENTS", rows * vocab)
+        assert backends.chunk_rows(vocab) == rows
     return set_rows
 
 
@@ -109,7 +112,8 @@ def test_loss_and_gradients_match_float64(name, shape, dtype, label_smoothing, t
     n, c, vocab, padded = SHAPES[shape]
     chunk_rows(5, vocab)  # several chunks, the last one short
     if tiles == "gpu":
-        monkeypatch.setattr(lce, "_launch_tiles", lambda dtype, precision, rows: lce.tiles_for(dtype, precision))
+        monkeypatch.setattr(lce_configs, "launch_tiles",
+                            lambda dtype, precision, rows: lce_configs.tiles_for(dtype, precision))
     x, weight, targets, dloss = inputs(n, c, vocab, padded, dtype)
     options = dict(ignore_index=-1, label_smoothing=label_smoothing, vocab_limit=vocab)
     got = run(registry.resolve(OP, name), x, weight, targets, dloss, **options)
@@ -358,12 +362,12 @@ def test_registered_backends_and_compile_variants():
     chunked, triton_backend = registry.backend(OP, "chunked"), registry.backend(OP, "triton")
     assert chunked.needs == "any" and chunked.deterministic
     assert triton_backend.needs == "triton" and triton_backend.deterministic
-    variants = list(lce._variants())
+    variants = [v for v in compile_report.variants() if v.kernel.__name__.startswith("_lce_")]
     # the three kernels at the tiles the launchers pick: fp16, bf16, fp32 with tf32 and ieee dots
     assert len(variants) == 3 * 4
     for v in variants:
         dtype = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32}[v.signature["X"]]
-        tiles = lce.tiles_for(dtype, v.constexprs["INPUT_PRECISION"])
+        tiles = lce_configs.tiles_for(dtype, v.constexprs["INPUT_PRECISION"])
         assert (v.constexprs["BLOCK_M"], v.constexprs["BLOCK_V"], v.constexprs["BLOCK_K"], v.num_warps,
                 v.num_stages) == (tiles.block_m, tiles.block_v, tiles.block_k, tiles.num_warps, tiles.num_stages)
         assert v.constexprs.get("BLOCK_C", tiles.block_c) == tiles.block_c
@@ -375,7 +379,7 @@ def test_chunked_traces_under_torch_compile(chunk_rows):
     n, c, vocab, padded = SHAPES["V=97"]
     chunk_rows(8, vocab)
     x, weight, targets, dloss = inputs(n, c, vocab, padded, torch.float32)
-    compiled = torch.compile(spec.chunked, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(backends.chunked, fullgraph=True, backend="aot_eager")
     got = run(compiled, x, weight, targets, dloss, vocab_limit=vocab, label_smoothing=0.1)
     assert_close_to_float64(got, expected(x, weight, targets, dloss, vocab_limit=vocab, label_smoothing=0.1),
                             torch.float32, "compiled chunked")

@@ -15,7 +15,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 import tritongpt
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import mlp, mlp_spec, registry
+from tritongpt.kernels import mlp, mlp_configs, mlp_spec, registry
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +165,7 @@ def test_column_sums_fill_every_partial_row(sum_rows, device, path, monkeypatch)
     """db1's partial rows each sum sum_rows rows of dH; a tile of more rows (the autotuner may pick
     any BLOCK_M) writes its sums to its first partial row and zeros to the rest, so every
     (NaN-poisoned) partial row is written whatever the tile: 37 rows are 5 partial rows of 8."""
-    monkeypatch.setattr(mlp, "_sum_rows", lambda path: sum_rows)
+    monkeypatch.setattr(mlp_configs, "sum_rows", lambda path: sum_rows)
     x, w2 = torch.randn(37, 40, device=device), torch.randn(40, 72, device=device) / 8
     h = torch.randn(37, 72, device=device)
     dh, db1 = mlp.gelu_grad_matmul(x, w2, h, "tanh")

@@ -110,24 +110,25 @@ def _layer_param(params: dict, layer: int, name: str) -> torch.Tensor:
     return params[f"transformer.h.{layer}.{name}"]
 
 
-def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None, start: int = 0) -> torch.Tensor:
     """An independent float64 GPT forward written the textbook way (x = x + attn(ln_1(x)); x = x +
-    mlp(ln_2(x))), with its own RoPE (complex rotation), sinusoid and masks: full logits."""
+    mlp(ln_2(x))), with its own RoPE (complex rotation), sinusoid and masks: full logits. idx
+    holds the tokens at positions start, start + 1, ..."""
     c = model.config
     p = {n: t.detach().double() for n, t in model.state_dict().items()}
     hd, h, h_kv = c.n_embd // c.n_head, c.n_head, c.kv_heads
     t = idx.size(1)
-    pos = torch.arange(t, dtype=torch.float64)
+    pos = torch.arange(start, start + t, dtype=torch.float64)
     x = p["transformer.wte.weight"][idx]
     if c.pos_embedding == "learned":
-        x = x + p["transformer.wpe.weight"][:t]
+        x = x + p["transformer.wpe.weight"][start:start + t]
     elif c.pos_embedding == "sinusoidal":
         table = torch.zeros(t, c.n_embd, dtype=torch.float64)
         for i in range(0, c.n_embd, 2):
             table[:, i] = torch.sin(pos / 10000 ** (i / c.n_embd))
             table[:, i + 1] = torch.cos(pos / 10000 ** (i / c.n_embd))
-        assert_rel_close(model.pos_table[:t], table, 1e-7, "sinusoid")  # kept in fp32
-        x = x + model.pos_table[:t]
+        assert_rel_close(model.pos_table[start:start + t], table, 1e-7, "sinusoid")  # kept in fp32
+        x = x + model.pos_table[start:start + t]
 
     def rotate(v):  # (B, T, heads, hd): halves as the real/imaginary parts of hd/2 complex numbers
         if c.pos_embedding != "rope":
@@ -174,7 +175,7 @@ def test_model_matches_textbook_forward(variant):
     assert_rel_close(loss, F.cross_entropy(expected.flatten(0, 1), targets.flatten(), ignore_index=-1), 1e-12, "loss")
 
 
-def test_untied_and_biasless_model():
+def test_untied_biasless_model_has_its_own_lm_head_and_no_biases():
     config = tiny_config(tie_embeddings=False, bias=False)
     model = GPT(config).double()
     assert model.lm_head.weight is not model.transformer.wte.weight
@@ -258,7 +259,7 @@ def loss_and_logits(model: GPT, idx: torch.Tensor, targets: torch.Tensor, doc_id
 
 
 @pytest.mark.parametrize("choice", ["triton", pytest.param("torch", marks=pytest.mark.slow)])
-def test_compile_fullgraph_traces(choice, device):
+def test_compile_fullgraph_matches_eager_logits_and_grads(choice, device):
     """torch.compile(fullgraph=True) traces the whole model (every backend's custom op included)
     and gives the eager model's logits and grads. One layer keeps the interpreter run short."""
     if choice == "triton" and any("triton" not in registry.backends(op) for op in MODEL_OPS):
@@ -281,7 +282,7 @@ def test_compile_fullgraph_traces(choice, device):
         assert_rel_close(p.grad, grads[name].grad, tol(torch.float32), f"compiled grad of {name}")
 
 
-def test_sequence_longer_than_block_size_is_refused():
+def test_too_long_mismatched_or_float_inputs_are_refused():
     model = GPT(tiny_config(block_size=8))
     with pytest.raises(TritonGPTError, match="block_size"):
         model(torch.zeros(1, 9, dtype=torch.long))
@@ -307,7 +308,7 @@ def test_config_errors_name_the_field(fields, message):
         tiny_config(**fields)
 
 
-def test_presets():
+def test_presets_have_gpt2s_sizes_and_parameter_counts():
     assert {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "small"} <= set(PRESETS)
     with pytest.raises(TritonGPTError, match="unknown model preset"):
         GPTConfig.from_preset("gpt5")
@@ -327,7 +328,7 @@ def test_presets():
         assert model.num_params() == hf_count - 1024 * n_embd  # wpe left out, like nanoGPT
 
 
-def test_flops_per_token():
+def test_flops_per_token_is_6n_plus_attention_over_the_keys_seen():
     model = GPT(tiny_config(window=None))
     n = model.num_params()
     assert model.flops_per_token() == 6 * n + 12 * 2 * 64 * 32
@@ -400,7 +401,7 @@ def test_gpu_bf16_autocast_error_at_most_twice_pytorchs(variant):
 
 
 @pytest.mark.gpu
-def test_gpu_compile_inductor_and_fused_adamw():
+def test_gpu_inductor_compiled_step_matches_eager_with_fused_adamw():
     config = tiny_config(**VARIANTS["gqa-rope-window"], backend="triton")
     state, (idx, targets, _) = random_state(config), batch("mha-learned")
     idx, targets = idx.cuda(), targets.cuda()

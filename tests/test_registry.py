@@ -1,6 +1,7 @@
 """The registry (kernels/registry.py): precedence of the ways to pick a backend (flags, config,
 environment read at the command line's edge), errors for unknown or unusable names, `auto`,
-built-ins loaded on first use, and backends from installed packages (entry points).
+built-in ops found by their spec files and loaded on first use, and backends from installed
+packages (entry points).
 
     python -m pytest -q tests/test_registry.py
 """
@@ -17,7 +18,7 @@ from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import layer_norm as triton_layer_norm
 from tritongpt.kernels import layer_norm_spec, registry
 from tritongpt.train import config as train_config
-from tritongpt.train.trainer import resolve_backends
+from tritongpt.train.auto import resolve_backends
 
 OP = "layer_norm"
 OP_ENV = "TRITONGPT_LAYER_NORM"
@@ -101,8 +102,27 @@ def test_registry_loads_the_builtin_backends_itself():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
-    expected = {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch"}
+    expected = {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch",
+                "linear_cross_entropy:chunked", "linear_cross_entropy:triton"}
     assert expected <= set(out.stdout.split())
+
+
+def test_a_new_spec_file_is_an_op_and_nothing_else_is(tmp_path):
+    # an op is its files: `<op>_spec.py` names it, no list does; its backends and kernel modules come
+    # after every spec; configs, helpers and a backends file without a spec are no ops
+    for name in ("zeta_spec", "zeta_backends", "zeta", "zeta_configs", "alpha_spec", "alpha", "alpha_table",
+                 "orphan_backends", "orphan", "spec", "checks"):
+        (tmp_path / f"{name}.py").write_text("")
+    assert registry.op_modules(tmp_path, "pkg") == ["pkg.alpha_spec", "pkg.zeta_spec", "pkg.alpha",
+                                                    "pkg.zeta_backends", "pkg.zeta"]
+
+
+def test_the_builtin_ops_are_the_spec_files_of_the_kernels_folder():
+    modules = registry.op_modules(registry.KERNELS_DIR, registry.KERNELS_PACKAGE)
+    assert [name.removeprefix("tritongpt.kernels.") for name in modules] == [
+        "attention_spec", "layer_norm_spec", "linear_cross_entropy_spec", "mlp_spec",
+        "attention_backends", "attention", "layer_norm_backends", "layer_norm",
+        "linear_cross_entropy_backends", "linear_cross_entropy", "mlp"]
 
 
 def test_every_op_has_torch_and_auto_resolves(triton_here):

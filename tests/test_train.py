@@ -1,8 +1,8 @@
 """Training end to end on real shards of tinyshakespeare: the loss falls, resume is bitwise,
-SIGTERM saves, doc masks reach the model, and `sample` streams from the checkpoint. The guard:
-poisoned steps and loss spikes are skipped, a diverging run stops with exit code 3 and only
-finite checkpoints, a damaged newest checkpoint is passed over on resume, a failed save is one
-clear error, and (on a GPU) the steps between log steps never sync with the host.
+SIGTERM saves, a doc-masked loss is that of each document run alone, and `sample` streams from
+the checkpoint. The guard: poisoned steps and loss spikes are skipped, a diverging run stops with
+exit code 3 and only finite checkpoints, a damaged newest checkpoint is passed over on resume, a
+failed save is one clear error, and (on a GPU) the steps between log steps never sync with the host.
 
 Runs use the "torch" backends on the CPU in fp32 (the Triton interpreter is slow); one test takes
 a step with the Triton kernels.
@@ -22,14 +22,28 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from _util import assert_rel_close, rel_err
+from test_model import plain_forward
 
 from tritongpt.cli import main
 from tritongpt.data.assets import find_asset
+from tritongpt.data.loader import doc_ids_from
 from tritongpt.data.prepare import prepare
 from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
 from tritongpt.model.gpt import GPT
 from tritongpt.train import checkpoint, config, trainer
+from tritongpt.train.guard import (
+    DIVERGED_EXIT,
+    GRAD_NONFINITE,
+    HALTED,
+    LOSS_NONFINITE,
+    LOSS_SPIKE,
+    UpdateGuard,
+    step_unless,
+)
+from tritongpt.train.mfu import peak_flops
 from tritongpt.train.sample import stream_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +75,7 @@ def train_log(out: Path) -> list[tuple]:
 
 
 def run(flags: dict[str, str]) -> int:
-    return trainer.train(trainer.configure(flags))
+    return trainer.train(config.configure(flags))
 
 
 def argv_of(flags: dict[str, str]) -> list[str]:
@@ -123,7 +137,7 @@ def trained(tiny_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_loss_falls_and_run_dir(trained):
+def test_training_lowers_the_loss_and_fills_the_run_directory(trained):
     log = metrics(trained)
     losses = [r["loss"] for r in log if "loss" in r]
     assert len(losses) == 25 and all(math.isfinite(loss) for loss in losses)
@@ -186,29 +200,64 @@ def test_sigterm_saves_then_exits(tiny_data, tmp_path):
     assert checkpoint.load(out)["step"] == last_step >= 2
 
 
-def test_doc_ids_from_eot():
+def test_each_eot_token_starts_a_new_doc_id():
     eot = 9
     x = torch.tensor([[1, 2, 9, 3, 9, 9, 4], [9, 1, 1, 1, 1, 1, 1]])
-    assert trainer.doc_ids_from(x, eot).tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
+    assert doc_ids_from(x, eot).tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
 
 
-def test_doc_mask_reaches_the_model(tmp_path):
-    """On multi-document shards (an eot before each document) the doc mask changes the loss."""
+# the fp32 loss of the tiny CPU model against float64 (measured: ~3e-8), tighter than the fp32
+# kernel tolerance, since near init the doc mask moves the loss by only ~6e-5 relative
+FP32_LOSS_TOL = 1e-6
+
+
+def test_doc_masked_loss_equals_each_document_run_alone(tmp_path, monkeypatch):
+    """With --doc-mask the first step's loss is that of every document of every row run through
+    the model on its own (the documents cut at the eot tokens, one before each document): the
+    reference is an independent float64 GPT (test_model.plain_forward, with only the causal mask)
+    over each document's tokens at their positions in the row, since learned positions count from
+    the start of the row, not of the document. Without --doc-mask it is that of the whole rows."""
     docs = tmp_path / "docs"
     docs.mkdir()
     text = find_asset("tinyshakespeare.txt").read_text()[:30_000]
-    for i, start in enumerate(range(0, len(text), 600)):
-        (docs / f"{i:03d}.txt").write_text(text[start:start + 600])
-    prepare(docs, tmp_path / "shards", workers=1, progress=False)
-    losses = {}
+    for i, start in enumerate(range(0, len(text), 120)):  # ~30 tokens each: rows of 32 hold boundaries
+        (docs / f"{i:03d}.txt").write_text(text[start:start + 120])
+    shards = tmp_path / "shards"
+    prepare(docs, shards, workers=1, progress=False)
+    eot = json.loads((shards / "meta.json").read_text())["eot_id"]
+    first_step = {}
+    original = GPT.forward
+
+    def recording_forward(self, idx, targets=None, doc_ids=None):
+        if self.training and not first_step:  # the first training forward, before any update
+            first_step.update(idx=idx.clone(), targets=targets.clone(), config=self.config,
+                              state={k: v.detach().clone() for k, v in self.state_dict().items()})
+        return original(self, idx, targets, doc_ids=doc_ids)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    references = {}
     for doc_mask in (False, True):
+        first_step.clear()
         out = tmp_path / f"out_{doc_mask}"
-        assert run(tiny_flags(tmp_path / "shards", out, max_steps=1, eval_steps=1, doc_mask=doc_mask)) == 0
-        losses[doc_mask] = train_log(out)[0][1]
-    assert losses[True] != losses[False]
+        assert run(tiny_flags(shards, out, max_steps=1, eval_steps=1, doc_mask=doc_mask)) == 0
+        model = GPT(first_step["config"]).double()
+        model.load_state_dict(first_step["state"])
+        idx, targets = first_step["idx"], first_step["targets"]
+        rows = []
+        for row in idx:
+            starts = [0] + [t for t in range(1, len(row)) if doc_mask and row[t] == eot]
+            rows.append(torch.cat([plain_forward(model, row[None, begin:end], None, start=begin)[0]
+                                   for begin, end in zip(starts, [*starts[1:], len(row)])]))
+        references[doc_mask] = F.cross_entropy(torch.stack(rows).flatten(0, 1), targets.flatten(), ignore_index=-1)
+        logged = torch.tensor(train_log(out)[0][1], dtype=torch.float64)
+        assert_rel_close(logged, references[doc_mask], FP32_LOSS_TOL, f"loss with doc_mask={doc_mask}")
+    # documents start inside the rows, and the two references lie far apart: a run that ignored
+    # the mask (or applied it without --doc-mask) fails the check above
+    assert (idx[:, 1:] == eot).sum() >= 2
+    assert rel_err(references[True], references[False]) > 10 * FP32_LOSS_TOL
 
 
-def test_lr_schedule():
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_min_lr():
     cfg = config.resolve({"max_steps": "100", "warmup_steps": "10", "lr": "1e-3", "min_lr": "1e-4"})
     lrs = [trainer.lr_at(step, cfg) for step in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -248,7 +297,7 @@ def test_sample_command_streams_from_checkpoint(trained, capsys):
     assert not model.training and train_config["max_steps"] == 25
 
 
-def test_one_step_with_triton_kernels(tiny_data, tmp_path):
+def test_a_step_on_the_triton_kernels_records_them_and_an_initial_loss(tiny_data, tmp_path):
     out = tmp_path / "out"
     assert run(tiny_flags(tiny_data, out, max_steps=1, batch_size=2, block_size=16, eval_steps=1,
                           backend="triton")) == 0
@@ -286,17 +335,17 @@ def test_sample_command_from_hf_directory(tmp_path, capsys):
     assert out.startswith("Hello") and len(out) > len("Hello\n")
 
 
-def test_dtype_and_peak_flops_on_cpu():
+def test_cpu_runs_fp32_refuses_fp16_and_has_no_peak_flops():
     cpu = torch.device("cpu")
-    assert trainer.resolve_dtype("auto", cpu) == "fp32"
+    assert config.resolve_dtype("auto", cpu) == "fp32"
     with pytest.raises(TritonGPTError, match="fp16 needs a CUDA device"):
-        trainer.resolve_dtype("fp16", cpu)
-    assert trainer.peak_flops(cpu, "fp32") is None  # so MFU is null on the CPU
+        config.resolve_dtype("fp16", cpu)
+    assert peak_flops(cpu, "fp32") is None  # so MFU is null on the CPU
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,compile", [("bf16", "true"), ("fp16", "false")])
-def test_cuda_mixed_precision_steps(tiny_data, tmp_path, dtype, compile):
+def test_cuda_bf16_compiled_and_fp16_scaled_runs_lower_the_loss(tiny_data, tmp_path, dtype, compile):
     """bf16 autocast with torch.compile, and fp16 with the grad scaler, on the Triton kernels."""
     out = tmp_path / "out"
     assert run(tiny_flags(tiny_data, out, max_steps=20, device="cuda", dtype=dtype, compile=compile,
@@ -304,7 +353,7 @@ def test_cuda_mixed_precision_steps(tiny_data, tmp_path, dtype, compile):
     records = [r for r in metrics(out) if "loss" in r]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
-    if trainer.peak_flops(torch.device("cuda"), dtype) is not None:
+    if peak_flops(torch.device("cuda"), dtype) is not None:
         assert 0 < records[-1]["mfu"] < 1
     assert ("scale" in checkpoint.load(out)["scaler"]) == (dtype == "fp16")  # the scaler's state when it is on
 
@@ -317,14 +366,14 @@ def reference_guard(steps: list[tuple[float, float]], max_skipped: int, spike_z:
     seen: list[float] = []
     streak, out = 0, []
     for loss, grad_norm in steps:
-        flags = (not math.isfinite(loss)) * trainer.LOSS_NONFINITE + (not math.isfinite(grad_norm)) * \
-            trainer.GRAD_NONFINITE + (streak >= max_skipped) * trainer.HALTED
+        flags = (not math.isfinite(loss)) * LOSS_NONFINITE + (not math.isfinite(grad_norm)) * \
+            GRAD_NONFINITE + (streak >= max_skipped) * HALTED
         z = math.nan
         if len(seen) >= window:
             last = seen[-window:]
             mean = math.fsum(last) / window
             z = (loss - mean) / math.sqrt(math.fsum((x - mean) ** 2 for x in last) / window)
-            flags |= trainer.LOSS_SPIKE if math.isfinite(loss) and z > spike_z else 0
+            flags |= LOSS_SPIKE if math.isfinite(loss) and z > spike_z else 0
         if math.isfinite(loss):
             seen.append(loss)
         streak = streak + 1 if flags else 0
@@ -344,7 +393,7 @@ def test_guard_decisions_match_reference():
     steps = list(zip(losses, grad_norms))
     expected = reference_guard(steps, max_skipped=3, spike_z=3.0, window=5)
 
-    guard = trainer.UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
+    guard = UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
     skipped, records = [], []
     for i, (loss, grad_norm) in enumerate(steps[:25]):
         skipped.append(bool(guard.check(i + 1, torch.tensor(loss, dtype=torch.float32),
@@ -352,7 +401,7 @@ def test_guard_decisions_match_reference():
         if i == 11:
             records += guard.drain()
     records += guard.drain()
-    resumed = trainer.UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
+    resumed = UpdateGuard(torch.device("cpu"), max_skipped=3, spike_z=3.0, window=5)
     resumed.load_state_dict(torch.load(_round_trip(guard.state_dict()), weights_only=True))
     for i, (loss, grad_norm) in enumerate(steps[25:], start=25):
         skipped.append(bool(resumed.check(i + 1, torch.tensor(loss, dtype=torch.float32),
@@ -368,8 +417,8 @@ def test_guard_decisions_match_reference():
     by_step = {r.step: r for r in records}
     assert by_step[7].skipped == by_step[10].skipped == by_step[21].skipped == "nonfinite"
     assert by_step[14].skipped == "spike" and by_step[14].loss_z > 3
-    assert by_step[33].streak == 3 and by_step[34].flags == trainer.LOSS_NONFINITE | trainer.HALTED
-    assert by_step[35].flags == trainer.HALTED and by_step[35].skipped is None  # the latch holds
+    assert by_step[33].streak == 3 and by_step[34].flags == LOSS_NONFINITE | HALTED
+    assert by_step[35].flags == HALTED and by_step[35].skipped is None  # the latch holds
     assert [r.step for r in records if r.skipped] == [7, 10, 14, 21, 31, 32, 33, 34]
     assert by_step[7].reason() == "loss nan" and by_step[10].reason() == "loss inf, grad norm nan"
     assert by_step[21].reason().startswith("grad norm inf (loss 5.")
@@ -398,7 +447,7 @@ def test_step_unless_leaves_a_skipped_step_untouched(fused):
         before = [p.detach().clone() for p in params]
         state_before = {k: v.clone() for k, v in opt.state[params[0]].items()}
         skip = step == 2
-        trainer.step_unless(opt, torch.tensor(skip))
+        step_unless(opt, torch.tensor(skip))
         if skip:
             assert all(torch.equal(p, b) for p, b in zip(params, before))
             assert all(torch.equal(opt.state[params[0]][k], v) for k, v in state_before.items())
@@ -433,7 +482,7 @@ def test_divergence_stops_with_only_good_checkpoints(tiny_data, tmp_path, capsys
     out = tmp_path / "out"
     flags = tiny_flags(tiny_data, out, lr=1e4, warmup_steps=2, grad_clip=0, max_steps=40, ckpt_interval=2,
                        keep_ckpts=2, log_interval=5, max_skipped_steps=3)
-    assert main(["train", *argv_of(flags)]) == trainer.DIVERGED_EXIT
+    assert main(["train", *argv_of(flags)]) == DIVERGED_EXIT
     err = capsys.readouterr().err
     (line,) = [line for line in err.splitlines() if line.startswith("stopped")]
     skipped = sorted(skips(out))
@@ -467,14 +516,14 @@ def test_skip_streak_survives_resume_bitwise(tiny_data, tmp_path, monkeypatch):
     full, half = tmp_path / "full", tmp_path / "half"
     with monkeypatch.context() as patch:
         poison_losses(patch, {(4, 0): math.nan, (5, 0): math.nan, (6, 0): math.nan})
-        assert run(tiny_flags(tiny_data, full, max_steps=8, **common)) == trainer.DIVERGED_EXIT
+        assert run(tiny_flags(tiny_data, full, max_steps=8, **common)) == DIVERGED_EXIT
     with monkeypatch.context() as patch:
         poison_losses(patch, {(4, 0): math.nan})
         assert run(tiny_flags(tiny_data, half, max_steps=4, **common)) == 0
     assert checkpoint.load(half)["guard"]["streak"] == 1
     with monkeypatch.context() as patch:
         poison_losses(patch, {(5, 0): math.nan, (6, 0): math.nan}, first_step=4)
-        assert run({"out": str(half), "resume": "true", "max_steps": "8"}) == trainer.DIVERGED_EXIT
+        assert run({"out": str(half), "resume": "true", "max_steps": "8"}) == DIVERGED_EXIT
 
     def log(out):
         return [(r["step"], r["loss"], r["grad_norm"], r.get("skipped")) for r in metrics(out) if "loss" in r]
@@ -505,7 +554,7 @@ def test_no_loadable_checkpoint_is_one_error(tmp_path):
     for step in (2, 4):
         checkpoint.path_for(out, step).write_bytes(b"not a checkpoint")
     with pytest.raises(TritonGPTError, match="no usable checkpoint") as exc:
-        trainer.configure({"out": str(out), "resume": "true"})
+        config.configure({"out": str(out), "resume": "true"})
     assert "ckpt_0000002.pt" in str(exc.value) and "ckpt_0000004.pt" in str(exc.value)
 
 
@@ -535,15 +584,15 @@ def test_rotation_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatc
     """The weights turn non-finite after step 3 (keep 1 checkpoint): the step-4 checkpoint is not
     written, so the step-2 one, the last good state, is not rotated out."""
     out = tmp_path / "out"
-    real_step_unless, steps = trainer.step_unless, itertools.count(1)
+    steps = itertools.count(1)
 
-    def step_unless(optimizer, skip):
-        real_step_unless(optimizer, skip)
+    def poisoning_step_unless(optimizer, skip):
+        step_unless(optimizer, skip)
         if next(steps) == 3:
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0][0, 0] = math.inf
 
-    monkeypatch.setattr(trainer, "step_unless", step_unless)
+    monkeypatch.setattr(trainer, "step_unless", poisoning_step_unless)  # where the loop looks it up
     with pytest.raises(TritonGPTError, match="not writing checkpoint .*ckpt_0000004.pt: non-finite values in "
                                              "model.transformer.wte.weight") as exc:
         run(tiny_flags(tiny_data, out, max_steps=6, ckpt_interval=2, keep_ckpts=1))

@@ -7,7 +7,8 @@ import pytest
 
 from tritongpt.cli import main
 from tritongpt.errors import TritonGPTError
-from tritongpt.model.config import GPTConfig
+from tritongpt.kernels import registry
+from tritongpt.model.config import MODEL_OPS, GPTConfig
 from tritongpt.train import config
 from tritongpt.train.config import TRAIN_PRESETS, TrainConfig
 
@@ -127,6 +128,17 @@ def test_cli_flags_generated_from_fields(capsys):
     for name in [*config.RUN_FIELDS, *config.MODEL_FIELDS]:
         assert "--" + name.replace("_", "-") in out, name
     assert "tritongpt train" in out
+
+
+def test_train_help_lists_the_variable_of_every_op_the_model_calls(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # the epilog is wrapped
+    for name in (*MODEL_OPS, registry.GLOBAL):
+        variable = registry.env_var(name)
+        assert variable in help_text, variable
+        chosen = config.resolve({"preset": "tiny"}, env={variable: "torch"})
+        assert getattr(chosen.model, name) == "torch", variable  # and config.resolve reads it
 
 
 def test_sample_help(capsys):

@@ -1,7 +1,8 @@
-"""`tritongpt verify` (bench/verify.py) and the measured `auto` (train/auto.py): the verify run
-passes on this machine (interpreter, small shapes, no timing), a deliberately wrong backend
-installed as a plugin makes it exit 1 naming it, and the auto decision logic picks the fastest
-correct backend and caches its decisions (injected timings: no GPU here)."""
+"""`tritongpt verify` (bench/verify.py), the measured `auto` (train/auto.py) and `tritongpt bench
+report` (bench/report.py): the verify run passes on this machine (interpreter, small shapes, no
+timing), a deliberately wrong backend installed as a plugin makes it exit 1 naming it, the auto
+decision logic picks the fastest correct backend and caches its decisions (injected timings: no
+GPU here), and the report's phases share its time budget."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from _util import install_plugin
 
+from tritongpt.bench.report import PHASES, Budget
 from tritongpt.kernels import registry
 from tritongpt.model.config import GPTConfig
 from tritongpt.train import auto
@@ -64,7 +66,7 @@ SHAPE = GPTConfig.from_preset("tiny").shape(2)
 CPU = torch.device("cpu")
 
 
-def test_fastest_correct_wins():
+def test_fastest_is_the_fastest_correct_timed_backend():
     timings = [Timing("a", 2.0, True), Timing("b", 1.0, False, "err_out 1e-1 > tolerance"),
                Timing("c", None, False, "RuntimeError: no kernel"), Timing("d", 1.5, True), Timing("e", None, True)]
     assert fastest(timings).backend == "d"
@@ -122,7 +124,7 @@ def test_no_correct_backend_falls_back_to_torch_and_is_not_cached(tmp_path):
     assert not (tmp_path / "auto.json").exists()
 
 
-def test_measure_checks_real_backends_here():
+def test_measure_finds_every_usable_backend_correct_here():
     """measure() on real inputs (the CPU, interpreter): every usable backend runs and is correct."""
     timings = auto.measure("layer_norm", GPTConfig.from_preset("tiny").shape(1, 8), CPU, torch.float32)
     usable = {n for n in registry.backends("layer_norm") if registry.usable("layer_norm", n, CPU)}
@@ -134,8 +136,6 @@ def test_measure_checks_real_backends_here():
 
 
 def test_budget_shares_leave_time_to_later_phases():
-    from tritongpt.bench.gpu_report import PHASES, Budget
-
     budget = Budget(100.0)
     first = budget.phase_deadline("verify") - budget.start
     assert abs(first - 100.0 * PHASES["verify"] / sum(PHASES.values())) < 1.0

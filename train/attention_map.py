@@ -17,8 +17,12 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
 from tritongpt.files import atomic_write
+from tritongpt.kernels.attention_spec import attention_mask
+from tritongpt.model.hf import load_hf
+from tritongpt.train import checkpoint
 
 MAX_LABELED_PANELS = 16  # token tick labels only when the figure has at most this many heat maps
 TORCH_BACKENDS = dict(backend="torch")  # the reference path, on any machine
@@ -37,8 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def attention_probs(model, idx: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
     """{layer: attention weights (B, H, T, T) in fp32} of `model` on idx (B, T): softmax of the
     scaled q k^T with the model's mask, from the q, k each chosen layer computes in forward."""
-    from tritongpt.kernels.attention_spec import attention_mask
-
     captured = {}
 
     def capture(layer: int):
@@ -76,10 +78,7 @@ def position_similarity(model) -> torch.Tensor | None:
 def _load(args: argparse.Namespace):
     """(model in eval mode, tokenizer name)."""
     if args.hf:
-        from tritongpt.model.hf import load_hf
         return load_hf(args.hf, **TORCH_BACKENDS).eval(), "gpt2"
-    from tritongpt.train import checkpoint
-
     ckpt = checkpoint.load(args.ckpt, "cpu")  # as load_model does, keeping the checkpoint's tokenizer name
     return checkpoint.model_from(ckpt, "cpu", source=args.ckpt, **TORCH_BACKENDS), ckpt.get("tokenizer", "gpt2")
 
@@ -99,7 +98,7 @@ def _save(fig, path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import matplotlib
+        import matplotlib  # lazy: optional (this command's error names the pip install), and slow to import
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -110,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     layers = _pick(args.layer, model.config.n_layer, "layer")
     heads = _pick(args.head, model.config.n_head, "head")
-    from tritongpt.data.tokenizer import get_encoding
     enc = get_encoding(tokenizer)
     tokens = enc.encode(args.text, allowed_special="all")
     if not 1 <= len(tokens) <= model.config.block_size:

@@ -10,24 +10,52 @@ op's model-shaped inputs (its spec's first model case), is checked against the o
 timed; the fastest correct one wins. A backend that raises or is wrong is skipped with its
 reason, never fatal. Decisions are cached on disk (CACHE_FILE in the user cache), keyed by
 device name, torch and triton versions, op, shapes and dtype; a corrupt or stale entry is
-ignored and measured again. On a CPU `auto` stays the registry's (no timing). The chosen names
-go into the run's config like explicit choices, so checkpoints, metrics and `--resume` reuse them.
+ignored and measured again. On a CPU `auto` stays the registry's (no timing); under torchrun
+rank 0 measures and every rank takes its choices. `resolve_backends` gives every op of a model
+config a backend name this way: the names go into the run's config like explicit choices, so
+checkpoints, metrics and `--resume` reuse them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from tritongpt.data.assets import cache_dir
 from tritongpt.files import atomic_write_bytes
 from tritongpt.kernels import registry
+from tritongpt.kernels.measure import Timer, check
 from tritongpt.kernels.spec import ModelShape, dtype_name
+from tritongpt.model.config import MODEL_OPS, GPTConfig
 
 CACHE_FILE = "auto_backends.json"
+
+
+def resolve_backends(config: GPTConfig, device: torch.device, *, batch: int | None = None,
+                     dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> GPTConfig:
+    """`config` with each op's backend a registered name usable on `device`. Ops left on auto are
+    measured on CUDA when `batch` and `dtype` are given (under torchrun rank 0 measures and every
+    rank takes its choices); otherwise auto is the registry's."""
+    auto_ops = [op for op in MODEL_OPS if (getattr(config, op) or config.backend or registry.AUTO) == registry.AUTO]
+    measured: dict[str, str] = {}
+    if auto_ops and batch and dtype is not None and device.type == "cuda" and not registry.interpreting():
+        shared = dist.is_available() and dist.is_initialized()
+        if not shared or dist.get_rank() == 0:
+            measured = choose_backends(auto_ops, config.shape(batch), device, dtype,
+                                       DecisionCache(cache_dir() / CACHE_FILE), log)
+        if shared:
+            box = [measured]
+            dist.broadcast_object_list(box, src=0)
+            measured = box[0]
+    return dataclasses.replace(config, **{op: measured.get(op) or registry.choose(op, getattr(config, op),
+                                                                                  config.backend, device)
+                                          for op in MODEL_OPS})
 
 
 @dataclass(frozen=True)
@@ -50,8 +78,6 @@ def fastest(timings: list[Timing]) -> Timing | None:
 
 def measure(op: str, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> list[Timing]:
     """Every backend of `op` usable on `device`, checked and timed on the op's first model case."""
-    from tritongpt.kernels.measure import Timer, check
-
     spec = registry.spec(op)
     case = spec.model_cases(shape)[0]
     inputs = spec.make_inputs(case, dtype, device, torch.Generator(device=device).manual_seed(0))

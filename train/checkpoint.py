@@ -8,7 +8,9 @@ A checkpoint is `RUN_DIR/ckpt_{step:07d}.pt`, a torch.save'd dict:
     backend name resolved), optimizer, scaler, rng (one entry per rank: python, numpy, torch,
     cuda states), loader (one state per rank), tokenizer, world_size.
 Checkpoints written before config was one dict (train_config + model_config + backends, and the
-op `layer_norm` spelled `norm`) still load: `config_of` converts them.
+op `layer_norm` spelled `norm`) still load: `config_of` converts them. This module owns the format
+and imports nothing from the rest of train/; its LEGACY_KEYS (old key -> name now) also rename
+old TOML keys and flags (train/config.py).
 It is written to a temporary name in the same directory, fsynced, then renamed over the final
 name (and the directory fsynced), so a crash or kill -9 mid-save leaves the previous checkpoints
 intact and never a truncated `ckpt_*.pt`; a failed write (disk full, no permission) is one
@@ -33,8 +35,12 @@ import torch
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.files import atomic_write
+from tritongpt.model.config import MODEL_OPS, GPTConfig
+from tritongpt.model.gpt import GPT
 
 _NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
+# old key -> its name now, read in checkpoints, TOML files and flags written before the rename
+LEGACY_KEYS = {"norm": "layer_norm"}
 
 
 def path_for(run_dir: str | Path, step: int) -> Path:
@@ -182,8 +188,6 @@ def config_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The flat config of a loaded checkpoint dict, older layouts converted."""
     if "config" in ckpt:
         return ckpt["config"]
-    from tritongpt.train.config import LEGACY_KEYS
-
     old = {**ckpt.get("model_config", {}), **ckpt["train_config"]}  # train_config held the model fields too
     flat = {LEGACY_KEYS.get(k, k): v for k, v in old.items()}
     for op, name in ckpt.get("backends", {}).items():  # what the run actually used
@@ -205,17 +209,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
 def model_from(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: Any = "checkpoint",
                **overrides: Any):
     """The GPT of a loaded checkpoint dict, in eval mode on `device` (backends as in load_model)."""
-    from tritongpt.model.config import MODEL_OPS, GPTConfig
-    from tritongpt.model.gpt import GPT
-
     fields = {f.name for f in dataclasses.fields(GPTConfig)} - {*MODEL_OPS, "backend"}
     shape = {k: v for k, v in config_of(ckpt).items() if k in fields}
     model = GPT(GPTConfig(**shape, **overrides))
-    load_weights(model, ckpt["model"], source)
+    load_model_state(model, ckpt["model"], source)
     return model.to(device).eval()
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:
+    """model.load_state_dict(state); a state that does not fit is a TritonGPTError naming `source`."""
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

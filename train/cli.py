@@ -11,19 +11,23 @@ Settings resolve as defaults < --preset < --config TOML < flags. Every field of 
 settings) and GPTConfig (the model) is a flag below and a TOML key (underscores: n_layer = 4).
 Boolean flags alone mean true (--compile); give false to turn one off (--bias false). Optional
 values take `none`. OUT receives config.json, metrics.jsonl, ckpt_*.pt and loss.png.
-TRITONGPT_ATTENTION, TRITONGPT_LAYER_NORM, TRITONGPT_MLP and TRITONGPT_BACKEND choose backends
-that no flag or file sets (a per-op variable beats --backend).
+The environment variables listed at the end (one per op the model calls, and TRITONGPT_BACKEND)
+choose backends that no flag or file sets (a per-op variable beats --backend).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import textwrap
+
+from tritongpt.kernels import registry
+from tritongpt.model.config import MODEL_OPS
+from tritongpt.train import config, trainer
+from tritongpt.train.checkpoint import LEGACY_KEYS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tritongpt.train import config
-
     parser.allow_abbrev = False  # --warmup is not --warmup-steps: every key is spelled out
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (same keys as the flags)")
     run = parser.add_argument_group("run settings (TrainConfig)")
@@ -33,18 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             extra = dict(nargs="?", const="true") if config.is_bool(name) else {}
             group.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
                                metavar=config.metavar(name), help=config.help_text(name), **extra)
-    for old, name in config.LEGACY_KEYS.items():  # old spellings still work, unlisted
+    for old, name in LEGACY_KEYS.items():  # old spellings still work, unlisted
         parser.add_argument("--" + old.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    # the variables config.resolve reads: one per op the model calls (MODEL_OPS), then TRITONGPT_BACKEND
+    names = ", ".join(registry.env_var(name) for name in (*MODEL_OPS, registry.GLOBAL))
+    parser.epilog = textwrap.fill("environment variables: " + names, width=100)
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, str]:
     """The config fields given on the command line, as typed."""
-    from tritongpt.train import config
-
     return {k: v for k, v in vars(args).items() if k in config.RUN_FIELDS or k in config.MODEL_FIELDS}
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.train import trainer
-
-    return trainer.train(trainer.configure(flags_of(args), args.config, env=os.environ))
+    return trainer.train(config.configure(flags_of(args), args.config, env=os.environ))

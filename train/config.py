@@ -10,7 +10,8 @@ generated from the two dataclasses, so a new field is a new flag. An unknown key
 the wrong type is a TritonGPTError naming the key.
 
 A preset names a model (`GPTConfig.from_preset`) plus the run settings that suit it
-(TRAIN_PRESETS); `auto` is "tiny" on the CPU and "gpt2" on CUDA.
+(TRAIN_PRESETS); `auto` is "tiny" on the CPU and "gpt2" on CUDA. `configure` is a run's config:
+with --resume and a checkpoint in --out, the checkpoint's settings replace defaults and preset.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
 from tritongpt.model.config import MODEL_OPS, PRESETS, GPTConfig, check_preset
+from tritongpt.train import checkpoint, init_from
+from tritongpt.train.checkpoint import LEGACY_KEYS
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -113,8 +118,6 @@ RUN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "m
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(GPTConfig)}
 assert not RUN_FIELDS.keys() & MODEL_FIELDS.keys(), "TrainConfig and GPTConfig field names must differ"
 _HINTS = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(GPTConfig)}
-# old key -> its name now, read in TOML files, flags and checkpoints written before the rename
-LEGACY_KEYS = {"norm": "layer_norm"}
 
 # Run settings per model preset, sized for the default data (tinyshakespeare: ~300k train tokens);
 # model fields here override the model preset for training. Larger corpora want more steps.
@@ -133,8 +136,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def auto_preset() -> str:
-    import torch
     return "gpt2" if torch.cuda.is_available() else "tiny"
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """`auto` -> bf16 on a CUDA GPU that supports it, else fp32 (fp16 needs CUDA)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise TritonGPTError(f"dtype fp16 needs a CUDA device (device is {device}); use bf16 or fp32")
+    return name
 
 
 def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = None,
@@ -163,7 +174,6 @@ def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = 
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     if values.get("init_from") and not base:  # the model is the source's; given settings may change a few
-        from tritongpt.train import init_from
         given = {k: v for layer in (from_file, flags) for k, v in layer.items() if k in MODEL_FIELDS}
         given.update({k: values[k] for k in (*MODEL_OPS, registry.GLOBAL) if values.get(k) is not None})
         model = init_from.merge(init_from.source_config(values["init_from"]), given)
@@ -175,6 +185,19 @@ def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = 
     cfg = TrainConfig(**run, model=model_config)
     validate(cfg)
     return cfg
+
+
+def configure(flags: dict[str, str] | None = None, toml_path: str | Path | None = None,
+              env: Mapping[str, str] | None = None) -> TrainConfig:
+    """The config of a run: `resolve`d from defaults, preset, TOML, flags and `env` (the backend
+    variables; the command line passes os.environ), or — with resume and a checkpoint in OUT —
+    from the checkpoint's config with the TOML and flags on top."""
+    out = peek("out", flags, toml_path)
+    saved = checkpoint.newest_config(out) if peek("resume", flags, toml_path) else None
+    if saved is None:
+        return resolve(flags, toml_path, env=env)
+    resumed = resolve(flags, toml_path, base=saved, env=env)
+    return dataclasses.replace(resumed, out=out)  # where the checkpoint was found, even if the run directory moved
 
 
 def peek(key: str, flags: dict[str, str] | None = None, toml_path: str | Path | None = None) -> Any:
@@ -334,7 +357,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.peak_tflops is not None and not cfg.peak_tflops > 0:
         raise TritonGPTError(f"peak_tflops must be > 0 (or none: the table's), got {cfg.peak_tflops}")
     if cfg.init_from is not None:
-        from tritongpt.train import init_from
         init_from.parse(cfg.init_from)
     if cfg.spike_window < 2:
         raise TritonGPTError(f"spike_window must be >= 2, got {cfg.spike_window}")

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
+from tritongpt.data.assets import find_asset
+from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError, require
+from tritongpt.model.hf import load_hf
+from tritongpt.train import checkpoint
+from tritongpt.train.distributed import resolve_device
+from tritongpt.train.sample import add_backend_arguments, backend_choices
 
 TASKS = {"hellaswag": "hellaswag_val.jsonl"}  # task -> its named asset
 
@@ -108,8 +114,6 @@ def evaluate(model, enc, items: list[Item], device: torch.device | str = "cpu") 
 
 def task_items(task: str, data: str | None = None, limit: int | None = None) -> list[Item]:
     """The items of `task`: from `data` if given, else its named asset."""
-    from tritongpt.data.assets import find_asset
-
     require(task in TASKS, f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
     path = Path(data) if data else find_asset(TASKS[task])
@@ -121,8 +125,6 @@ def task_items(task: str, data: str | None = None, limit: int | None = None) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tritongpt.train.sample import add_backend_arguments
-
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", metavar="PATH", help="run directory (its newest checkpoint) or a ckpt_*.pt file")
     source.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + weights)")
@@ -135,11 +137,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.data.tokenizer import get_encoding
-    from tritongpt.train import checkpoint
-    from tritongpt.train.distributed import resolve_device
-    from tritongpt.train.sample import backend_choices
-
     device = resolve_device(args.device)
     items = task_items(args.task, args.data, args.limit)  # a bad file fails before a model is loaded
     backends = backend_choices(args)
@@ -148,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
         model = checkpoint.model_from(ckpt, device, source=args.ckpt, **backends)
         tokenizer = ckpt.get("tokenizer", "gpt2")
     else:
-        from tritongpt.model.hf import load_hf
         model, tokenizer = load_hf(args.hf, **backends).to(device).eval(), "gpt2"
     result = evaluate(model, get_encoding(tokenizer), items, device)
     print(f"{args.task}: {result['items']} items, acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f}")

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tritongpt.model.hf import save_hf
-    from tritongpt.train import checkpoint
+    from tritongpt.model.hf import save_hf  # lazy: imports torch; `tritongpt export --help` stays free of it
+    from tritongpt.train import checkpoint  # lazy: imports torch, as above
 
     model, _ = checkpoint.load_model(args.ckpt, "cpu", backend="torch")
     out = save_hf(model, args.hf, overwrite=args.overwrite)

@@ -21,6 +21,8 @@ import torch
 
 from tritongpt.errors import TritonGPTError, require
 from tritongpt.model.config import MODEL_OPS, GPTConfig
+from tritongpt.model.hf import config_from_hf, load_hf
+from tritongpt.train import checkpoint
 
 CHANGEABLE = {"dropout", "label_smoothing", "block_size", "backend", *MODEL_OPS}
 KINDS = ("hf", "ckpt")
@@ -39,12 +41,10 @@ def source_config(spec: str) -> dict[str, Any]:
     """The GPTConfig fields of the source (its backends left to the run)."""
     kind, path = parse(spec)
     if kind == "hf":
-        from tritongpt.model.hf import config_from_hf
         require(path.is_dir(), f"init_from: {path} is not a directory (expected config.json + model.safetensors)")
         require((path / "config.json").is_file(), f"init_from: {path / 'config.json'} not found")
         config = config_from_hf(json.loads((path / "config.json").read_text()))
     else:
-        from tritongpt.train import checkpoint
         flat = checkpoint.config_of(checkpoint.load(path, "cpu"))
         fields = {f.name for f in dataclasses.fields(GPTConfig)}
         config = GPTConfig(**{k: v for k, v in flat.items() if k in fields})
@@ -67,17 +67,14 @@ def merge(source: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_weights(model: torch.nn.Module, spec: str) -> None:
-    """Copy the source's weights into `model` (whose config came from `merge`): the position
-    embedding is cropped to the model's block_size."""
+def copy_source_weights(model: torch.nn.Module, spec: str) -> None:
+    """Copy the weights of the --init-from source `spec` into `model` (whose config came from
+    `merge`): the position embedding is cropped to the model's block_size."""
     kind, path = parse(spec)
     if kind == "hf":
-        from tritongpt.model.hf import load_hf
         state = load_hf(path, backend="torch", block_size=model.config.block_size).state_dict()
     else:
-        from tritongpt.train import checkpoint
         state = checkpoint.load(path, "cpu")["model"]
         if "transformer.wpe.weight" in state:
             state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size]
-    from tritongpt.train.checkpoint import load_weights as load_state
-    load_state(model, state, spec)
+    checkpoint.load_model_state(model, state, spec)

@@ -16,6 +16,15 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 
+import torch
+
+from tritongpt.data.tokenizer import get_encoding
+from tritongpt.kernels import registry
+from tritongpt.model.config import MODEL_OPS
+from tritongpt.model.hf import load_hf
+from tritongpt.train import checkpoint
+from tritongpt.train.distributed import resolve_device
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
@@ -32,12 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from tritongpt.data.tokenizer import get_encoding
-    from tritongpt.train import checkpoint
-    from tritongpt.train.distributed import resolve_device
-
     device = resolve_device(args.device)
     backends = backend_choices(args)
     if args.ckpt:
@@ -45,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
         model = checkpoint.model_from(ckpt, device, source=args.ckpt, **backends)
         enc = get_encoding(ckpt.get("tokenizer", "gpt2"))
     else:
-        from tritongpt.model.hf import load_hf
         model = load_hf(args.hf, **backends).to(device).eval()
         enc = get_encoding("gpt2")
     prompt = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
@@ -63,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """--attention, --layer-norm, --mlp and --backend: the kernels to run a loaded model with."""
-    from tritongpt.model.config import MODEL_OPS
-
     for op in MODEL_OPS:
         parser.add_argument(f"--{op.replace('_', '-')}", dest=op, default=None,
                             help=f"{op} backend (default: auto for the device, or TRITONGPT_{op.upper()})")
@@ -75,9 +75,6 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def backend_choices(args: argparse.Namespace) -> dict[str, str]:
     """{op or "backend": name} from the flags, then the TRITONGPT_* variables (the command line's edge)."""
-    from tritongpt.kernels import registry
-    from tritongpt.model.config import MODEL_OPS
-
     given = {k: getattr(args, k) for k in (*MODEL_OPS, registry.GLOBAL) if getattr(args, k)}
     from_env = {k: v for k, v in registry.env_choices(os.environ).items() if k in (*MODEL_OPS, registry.GLOBAL)}
     return {**from_env, **given}

@@ -13,22 +13,20 @@ Errors against the reference and the device's ceilings are in `tritongpt bench`,
 """
 
 import pytest
-import torch
 
-from tritongpt.bench import kernels
-from tritongpt.bench.report import describe_error
+from tritongpt.bench import sweeps
 from tritongpt.kernels import registry
-from tritongpt.kernels.measure import runner
+from tritongpt.kernels.measure import describe_error, runner, sync
 from tritongpt.kernels.spec import MODES, dtype_name
 
-DEVICE = kernels.default_device()
-DTYPE = kernels.default_dtype(DEVICE)
+DEVICE = sweeps.default_device()
+DTYPE = sweeps.default_dtype(DEVICE)
 QUICK = DEVICE.type != "cuda"  # tiny shapes on a CPU
 
 
 def _params():
     for op in registry.ops():
-        found, _ = kernels.providers(op, DEVICE)
+        found, _ = sweeps.providers(op, DEVICE)
         for case in registry.spec(op).cases(QUICK):
             for provider in found:
                 reason = provider.note if provider.make is None or not provider.timed else ""
@@ -39,14 +37,14 @@ def _params():
 
 
 @pytest.mark.parametrize("case, provider, mode", list(_params()))
-def test_kernel(benchmark, case, provider, mode):
+def test_kernel_time(benchmark, case, provider, mode):
     with provider.scope():
         _bench(benchmark, case, provider, mode)
 
 
 def _bench(benchmark, case, provider, mode):
     spec = registry.spec(case.op)
-    sets = kernels.input_sets(spec, case, DTYPE, DEVICE)
+    sets = sweeps.input_sets(spec, case, DTYPE, DEVICE)
     try:
         run = runner(mode, provider.make(), sets)
         run()  # compiles, autotunes, or fails here rather than inside the timing
@@ -55,8 +53,7 @@ def _bench(benchmark, case, provider, mode):
 
     def call():
         run()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)
+        sync(DEVICE)
 
     unit, amount = spec.work(case, mode, DTYPE)
     benchmark.extra_info.update(op=case.op, provider=provider.name, mode=mode, shape=case.shape,

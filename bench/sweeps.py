@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tritongpt.bench.report import blank_row, describe_error
+from tritongpt.bench.tables import blank_row, join_notes
+from tritongpt.errors import require
 from tritongpt.kernels import registry
-from tritongpt.kernels.measure import Timer, errors, peak_mb, runner
+from tritongpt.kernels.measure import Timer, describe_error, errors, peak_mb, runner
 from tritongpt.kernels.spec import MODES, Case, Inputs, OpSpec, call, dtype_name, grads, tolerance
 
 BASELINE = "torch"  # speedups are relative to this backend
@@ -38,6 +39,13 @@ MAX_COPIES = 8  # input sets rotated through while timing, so L2 holds none of t
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device a --device choice names (None: `default_device`); an error when it names CUDA
+    and there is none."""
+    require(name != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    return torch.device(name) if name else default_device()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -84,7 +92,7 @@ def _compiled(fn: Callable) -> Callable[[], Callable]:
 def _keep_saved_buffers() -> contextlib.AbstractContextManager:
     """Compiled backward graphs that may run again (retain_graph=True), so `bwd` can be timed on
     its own: AOTAutograd's donated buffers would free the saved tensors after the first run."""
-    import torch._functorch.config as config
+    import torch._functorch.config as config  # lazy: torch internals, only for compiled providers
     return config.patch(donated_buffer=False) if hasattr(config, "donated_buffer") else contextlib.nullcontext()
 
 
@@ -124,7 +132,7 @@ def ceilings(device: torch.device, dtype: torch.dtype, timer: Timer) -> dict:
     free_memory(device)
     return {"copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9, "copy_bytes": copy_bytes,
             "matmul_tflops": 2 * n ** 3 / (matmul_ms * 1e-3) / 1e12,
-            "matmul": f"{n}x{n} @ {n}x{n} {str(dtype).removeprefix('torch.')}"}
+            "matmul": f"{n}x{n} @ {n}x{n} {dtype_name(dtype)}"}
 
 
 def _time_binary(timer: Timer, fn: Callable, a: torch.Tensor, b: torch.Tensor) -> float:
@@ -216,11 +224,11 @@ def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tup
         note = describe_error(exc)
         log(f"  {p.name:<16} cannot run: {note}")
         for row in rows.values():
-            row["note"] = _join(p.note, note)
+            row["note"] = join_notes(p.note, note)
         return list(rows.values())
     for row in rows.values():
         row.update(errs)
-        row["note"] = _join(row["note"], f"no errors: reference failed ({ref})" if isinstance(ref, str) else "")
+        row["note"] = join_notes(row["note"], f"no errors: reference failed ({ref})" if isinstance(ref, str) else "")
     if not p.timed:
         log(f"  {p.name:<16} {p.note}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
         return list(rows.values())
@@ -229,7 +237,7 @@ def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tup
             ms = timer(runner(mode, fn, sets))
             peak = peak_mb(runner(mode, fn, sets[:1]), device)
         except Exception as exc:
-            row["note"] = _join(row["note"], describe_error(exc))
+            row["note"] = join_notes(row["note"], describe_error(exc))
             log(f"  {p.name:<16} {mode:<8} failed: {row['note']}")
             free_memory(device)
             continue
@@ -256,9 +264,5 @@ def _compare(rows: list[dict], tol: float) -> None:
         for key, limit in limits.items():
             err = row[key]
             if err is not None and not err <= limit:  # also catches NaN
-                row["note"] = _join(row["note"], f"{FLAG} ({key} {err:.2e} > {limit:.1e})")
+                row["note"] = join_notes(row["note"], f"{FLAG} ({key} {err:.2e} > {limit:.1e})")
                 row[key] = err if math.isfinite(err) else None
-
-
-def _join(*notes: str) -> str:
-    return "; ".join(n for n in notes if n)
