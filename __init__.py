@@ -1,5 +1,6 @@
-"""tritongpt: a GPT-2 style model whose attention, LayerNorm and MLP come from swappable
-backends (Triton kernels, PyTorch SDPA, plain PyTorch). See README.md.
+"""tritongpt: a GPT whose ops (attention, norms, MLPs, lm_head + loss) come from swappable
+backends: Triton kernels, PyTorch and its peers. See README.md; `tritongpt kernels list` lists
+the ops and backends.
 
     from tritongpt import GPT, GPTConfig                          # the model
     from tritongpt import flash_attention, layer_norm, gelu_mlp, linear_cross_entropy  # Triton kernels
@@ -23,9 +24,13 @@ _EXPORTS = {
     "KVCache": "tritongpt.model.gpt",
     "GPTConfig": "tritongpt.model.config",
     "PRESETS": "tritongpt.model.config",
+    "patch": "tritongpt.model.patch",  # our ops inside Hugging Face models
+    "unpatch": "tritongpt.model.patch",
     "flash_attention": "tritongpt.kernels.attention",
     "layer_norm": "tritongpt.kernels.layer_norm",
+    "rms_norm": "tritongpt.kernels.rms_norm",
     "gelu_mlp": "tritongpt.kernels.mlp",
+    "swiglu_mlp": "tritongpt.kernels.swiglu_mlp",
     "linear_cross_entropy": "tritongpt.kernels.linear_cross_entropy",
     "TritonGPTError": "tritongpt.errors",
 }

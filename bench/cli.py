@@ -3,6 +3,7 @@
     tritongpt bench all                           # every kernel sweep + the GPT-2 step, bf16, on the GPU
     tritongpt bench attention --dtype fp16        # one op (`tritongpt kernels list` shows them)
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
+    tritongpt bench step --doc-mask --seq-len 8192 --batch-size 2   # packed documents
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
     tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/report.py)
     python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="step: timed training steps, after warm-up steps until the step time is steady "
                              "(default 10; --quick: 2)")
+    parser.add_argument("--doc-mask", action="store_true",
+                        help="step: packed documents, attention kept inside each (sdpa: dense mask; flex: block mask)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
 
 
@@ -85,7 +88,7 @@ def _command(args: argparse.Namespace) -> str:
     parts += ["--quick"] * args.quick + ["--no-compile"] * (not args.compile)
     if args.target in ("step", "all"):
         parts += [f"--preset {args.preset}", f"--batch-size {args.batch_size}", f"--seq-len {args.seq_len}",
-                  f"--steps {args.steps}"]
+                  f"--steps {args.steps}"] + ["--doc-mask"] * args.doc_mask
     return " ".join(parts)
 
 
@@ -108,7 +111,7 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
     if args.target in ("step", "all"):
         rows += step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
                               dtype=dtype, steps=args.steps, warmup=1, ceiling=ceiling, compile=args.compile,
-                              seed=args.seed, log=log)
+                              seed=args.seed, log=log, doc_mask=args.doc_mask)
     head = tables.header(device, dtype, quick=args.quick, command=_command(args), timer=timer.description,
                          ceilings=ceiling, skipped=skipped, ref_dtype=sweeps.reference_dtype(dtype, device),
                          interpreter=registry.interpreting())

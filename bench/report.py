@@ -105,7 +105,7 @@ def run(args, device: torch.device, dtype: torch.dtype) -> int:
         results["step"] = step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len,
                                         device=device, dtype=dtype, steps=args.steps, warmup=2,
                                         ceiling=head["ceilings"], compile=args.compile, seed=args.seed, log=log,
-                                        deadline=deadline)
+                                        deadline=deadline, doc_mask=args.doc_mask)
         _finish(head, "step", deadline)
     finally:
         for path in write(out, head, results):

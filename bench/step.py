@@ -4,12 +4,21 @@ of backends, each from the same seed on the same batch.
     tritongpt bench step                                   # GPT-2 124M, B=16, T=1024, bf16 autocast
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
     tritongpt bench step --quick                           # the tiny preset, CPU-sized
+    tritongpt bench step --doc-mask --seq-len 8192         # packed documents: attention within each
 
 Combinations: torch eager + SDPA (the baseline), torch.compile + SDPA, and for every other
 backend name registered for the ops (e.g. `triton`): all ops on it, all ops on it compiled, and
 each op alone on it (the others at the baseline). Each row gives ms/step, tokens/s, MFU
 (model.flops_per_token against the matmul ceiling measured in the same run), peak memory and
 the loss after the same number of steps; losses that disagree with the baseline's are flagged.
+With --doc-mask every row of the batch is packed documents (doc ids drawn as in the attention
+spec's packed cases, median min(DOC_MEDIAN, T / 4) tokens) and attention stays inside each one:
+the `sdpa` rows then pass a dense (T, T) mask, `flex` a block mask built every step, `triton`
+and `flash_attn` skip the tiles outside the documents.
+For a GPT-2-form preset (without --doc-mask) two more rows train the same model (the same weights,
+exported with save_hf) as a Hugging Face GPT2LMHeadModel on the same batch with the same
+optimizer: `hf` as transformers runs it (SDPA attention), `hf+patch` after `tritongpt.patch(model)`
+(auto backends); their losses are compared with the baseline's like every row's.
 Peak memory: on CUDA the allocator's peak over the run; on a CPU the peak resident memory of a
 fresh process that takes RSS_STEPS training steps of the combination (eager ones), so each
 backend, the loss's `linear_cross_entropy=chunked` included, is measured alone.
@@ -23,19 +32,23 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tritongpt.bench.sweeps import INTERPRETER_NOTE, free_memory
 from tritongpt.bench.tables import blank_row, join_notes
 from tritongpt.kernels import registry
+from tritongpt.kernels.attention_spec import DOC_MEDIAN, packed_doc_ids
 from tritongpt.kernels.measure import describe_error, sync
 from tritongpt.kernels.spec import dtype_name
-from tritongpt.model.config import MODEL_OPS, GPTConfig, check_preset
+from tritongpt.model.config import GPTConfig, check_preset
 from tritongpt.model.gpt import GPT
+from tritongpt.model.hf import save_hf
 from tritongpt.train import config as train_config
 
 BASELINE = "eager+sdpa"
@@ -55,22 +68,22 @@ class Combo:
         return " ".join(f"{op}={name}" for op, name in self.backends)
 
 
-def combos(compile: bool = True) -> list[Combo]:
-    """The combinations to run: the eager and compiled baseline (SDPA attention, torch norm and
-    MLP), then for each other registered backend name: all ops on it (eager, compiled) and each
-    op alone on it."""
-    base = {op: "torch" for op in MODEL_OPS}
+def combos(ops: tuple[str, ...], compile: bool = True) -> list[Combo]:
+    """The combinations of a model calling `ops` (its config's `ops`): the eager and compiled
+    baseline (SDPA attention, torch for the rest), then for each other registered backend name:
+    all ops on it (eager, compiled) and each op alone on it."""
+    base = {op: "torch" for op in ops}
     if "sdpa" in registry.backends("attention"):
         base["attention"] = "sdpa"
     found = [Combo(BASELINE, tuple(base.items()), False)]
     if compile:
         found.append(Combo("compile+sdpa", tuple(base.items()), True))
     # every other backend name, but not SDPA pinned to one of its kernels (the kernel sweeps show those)
-    names = sorted({n for op in MODEL_OPS for n in registry.backends(op) if n != "torch" and not n.startswith("sdpa")})
+    names = sorted({n for op in ops for n in registry.backends(op) if n != "torch" and not n.startswith("sdpa")})
     for name in names:
-        ops_with = [op for op in MODEL_OPS if name in registry.backends(op)]
-        if len(ops_with) == len(MODEL_OPS):
-            every = tuple((op, name) for op in MODEL_OPS)
+        ops_with = [op for op in ops if name in registry.backends(op)]
+        if len(ops_with) == len(ops):
+            every = tuple((op, name) for op in ops)
             found.append(Combo(name, every, False))
             if compile:
                 found.append(Combo(f"{name}+compile", every, True))
@@ -81,21 +94,22 @@ def combos(compile: bool = True) -> list[Combo]:
 
 def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
              steps: int, warmup: int, ceiling: dict, compile: bool = True, seed: int = 0,
-             log: Callable[[str], None] = lambda message: None, deadline: float | None = None) -> list[dict]:
+             log: Callable[[str], None] = lambda message: None, deadline: float | None = None,
+             doc_mask: bool = False) -> list[dict]:
     """One row per combination (see `combos`). Every combination starts from the same seed and
-    trains on the same batch: at least `warmup` steps, more until the step time is steady (no
-    compile or autotune left in it), then `steps` timed steps. `loss` is the loss of step
-    warmup + steps, the same step for every combination. Combinations not started by `deadline`
-    (time.monotonic()) get a row saying so."""
+    trains on the same batch (packed documents with `doc_mask`): at least `warmup` steps, more
+    until the step time is steady (no compile or autotune left in it), then `steps` timed steps.
+    `loss` is the loss of step warmup + steps, the same step for every combination. Combinations
+    not started by `deadline` (time.monotonic()) get a row saying so."""
     check_preset(preset)
-    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, device)
+    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, device, doc_mask)
     rows = []
-    todo = combos(compile)
+    todo = combos(GPTConfig.from_preset(preset).ops, compile)
     for i, combo in enumerate(todo):
         log(f"[step {i + 1}/{len(todo)}] {combo.name}: {combo.label}")
         if deadline is not None and time.monotonic() > deadline:
             rows.append(blank_row(op="step", provider=combo.name, mode="train", series=preset, size=seq_len,
-                                  shape=f"{preset} B={batch_size} T={seq_len}", dtype=dtype_name(dtype),
+                                  shape=_shape(preset, batch), dtype=dtype_name(dtype),
                                   backends=combo.label, note="not run: out of time budget"))
             continue
         rows.append(_run_combo(combo, preset=preset, block=block, batch=batch, device=device, dtype=dtype,
@@ -103,17 +117,28 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
         if combo.compiled:
             torch._dynamo.reset()
         free_memory(device)
+    if not doc_mask and GPTConfig.from_preset(preset).ffn == "gelu":  # a GPT-2 transformers has
+        rows += [_hf_row(provider, preset=preset, block=block, batch=batch, device=device, dtype=dtype, steps=steps,
+                         warmup=warmup, seed=seed, log=log) for provider in (HF_PLAIN, HF_PATCHED)]
     _compare(rows, loss_tolerance(dtype, device))
     return rows
 
 
-def _block_and_batch(preset: str, batch_size: int, seq_len: int, seed: int, device: torch.device
-                     ) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
-    """(block_size, (inputs, next-token targets)): the model's positions and the one batch, (B, T) each."""
+def _block_and_batch(preset: str, batch_size: int, seq_len: int, seed: int, device: torch.device,
+                     doc_mask: bool = False) -> tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(block_size, (inputs, next-token targets, doc ids)): the model's positions and the one
+    batch, (B, T) each; doc ids of packed documents with `doc_mask`, else None."""
     config = GPTConfig.from_preset(preset)
     gen = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, config.real_vocab_size, (batch_size, seq_len + 1), generator=gen)  # (B, T + 1)
-    return max(seq_len, config.block_size), (seq[:, :-1].to(device), seq[:, 1:].to(device))
+    median = max(1, min(DOC_MEDIAN, seq_len // 4))
+    docs = packed_doc_ids(batch_size, seq_len, median, seed).to(device) if doc_mask else None
+    return max(seq_len, config.block_size), (seq[:, :-1].to(device), seq[:, 1:].to(device), docs)
+
+
+def _shape(preset: str, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> str:
+    b, t = batch[0].shape
+    return f"{preset} B={b} T={t}" + (" packed docs" if batch[2] is not None else "")
 
 
 def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
@@ -121,11 +146,11 @@ def loss_tolerance(dtype: torch.dtype, device: torch.device) -> float:
     return 1e-4 if dtype == torch.float32 and device.type == "cpu" else LOSS_TOL[dtype]
 
 
-def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor],
+def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                device: torch.device, dtype: torch.dtype, steps: int, warmup: int, ceiling: dict, seed: int,
                log: Callable[[str], None]) -> dict:
     b, t = batch[0].shape
-    row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=f"{preset} B={b} T={t}",
+    row = blank_row(op="step", provider=combo.name, mode="train", series=preset, shape=_shape(preset, batch),
                     size=t, dtype=dtype_name(dtype), backends=combo.label)
     uses_triton = any(registry.backend(op, name).needs == "triton" for op, name in combo.backends)
     interpreted = uses_triton and registry.interpreting()  # correctness only, never timed
@@ -144,25 +169,7 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         forward = torch.compile(model) if combo.compiled else model
         autocast = _autocast(device, dtype)
 
-        def timed_step() -> tuple[float, torch.Tensor]:
-            sync(device)
-            start = time.perf_counter()
-            loss = _train_step(forward, optimizer, batch, autocast)
-            sync(device)
-            return time.perf_counter() - start, loss
-
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        losses, warm = [], []
-        while len(warm) < warmup or (not steady(warm) and len(warm) < MAX_WARMUP):
-            seconds, loss = timed_step()
-            warm.append(seconds)
-            losses.append(loss)
-        times = []
-        for _ in range(steps):
-            seconds, loss = timed_step()
-            times.append(seconds)
-            losses.append(loss)
+        times, losses = _timed_steps(lambda: _train_step(forward, optimizer, batch, autocast), device, steps, warmup)
         row["loss"] = losses[warmup + steps - 1].item()  # the same step in every combination
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -176,11 +183,90 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
         else:
             log(f"  {row['note']}: loss {row['loss']:.4f}")
         if device.type == "cpu" and not interpreted and not combo.compiled:
-            row["peak_mem_mb"] = fresh_process_peak_rss_mb(combo, preset, b, t, dtype, seed)
+            row["peak_mem_mb"] = fresh_process_peak_rss_mb(combo, preset, b, t, dtype, seed, batch[2] is not None)
             log(f"  peak resident memory {row['peak_mem_mb']:.0f} MiB (a fresh process)")
     except Exception as exc:  # unsupported combination, out of memory: a row that says so
         row["note"] = describe_error(exc)
         log(f"  failed: {row['note']}")
+    return row
+
+
+def _timed_steps(train_step: Callable[[], torch.Tensor], device: torch.device, steps: int, warmup: int
+                 ) -> tuple[list[float], list[torch.Tensor]]:
+    """(seconds of the `steps` timed steps, the loss of every step): at least `warmup` steps, more
+    until the step time is steady, then the timed ones; the CUDA peak-memory counter starts here."""
+    def timed_step() -> tuple[float, torch.Tensor]:
+        sync(device)
+        start = time.perf_counter()
+        loss = train_step()
+        sync(device)
+        return time.perf_counter() - start, loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, warm = [], []
+    while len(warm) < warmup or (not steady(warm) and len(warm) < MAX_WARMUP):
+        seconds, loss = timed_step()
+        warm.append(seconds)
+        losses.append(loss)
+    times = []
+    for _ in range(steps):
+        seconds, loss = timed_step()
+        times.append(seconds)
+        losses.append(loss)
+    return times, losses
+
+
+HF_PLAIN, HF_PATCHED = "hf", "hf+patch"  # the providers of the Hugging Face rows
+
+
+def _hf_row(provider: str, *, preset: str, block: int, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+            device: torch.device, dtype: torch.dtype, steps: int, warmup: int, seed: int,
+            log: Callable[[str], None]) -> dict:
+    """The combinations' model (the same weights from `seed`) as a transformers GPT2LMHeadModel
+    training on the batch with the same optimizer: as transformers runs it (HF_PLAIN), or after
+    tritongpt.patch with auto backends (HF_PATCHED)."""
+    import transformers  # lazy: an optional dependency (the `hf` extra), needed by these rows only
+
+    from tritongpt.model import patch  # lazy: it imports transformers
+    b, t = batch[0].shape
+    log(f"[step] {provider}: transformers GPT2LMHeadModel" + (" + tritongpt.patch" * (provider == HF_PATCHED)))
+    row = blank_row(op="step", provider=provider, mode="train", series=preset, shape=_shape(preset, batch),
+                    size=t, dtype=dtype_name(dtype), backends="transformers (sdpa)")
+    try:
+        ours, _ = _model_and_optimizer(preset, block, {}, device, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf(ours, Path(tmp) / "model")
+            model = transformers.GPT2LMHeadModel.from_pretrained(Path(tmp) / "model", attn_implementation="sdpa")
+        model.to(device).train()
+        interpreted = False
+        if provider == HF_PATCHED:
+            chosen = patch.patch(model)
+            row["backends"] = " ".join(f"{op}={n}" for op, n in chosen.items())
+            interpreted = registry.interpreting() and any(registry.backend(op, n).needs == "triton"
+                                                          for op, n in chosen.items())
+        row["note"] = INTERPRETER_NOTE if interpreted else ""
+        run = train_defaults(preset)
+        # GPT's parameter groups (weight decay on >= 2-dim parameters); it reads only .parameters()
+        optimizer = GPT.configure_optimizer(model, run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
+
+        def forward(inputs: torch.Tensor, targets: torch.Tensor, _docs) -> tuple[None, torch.Tensor]:
+            return None, model(inputs, labels=targets, shift_labels=targets.contiguous(), use_cache=False).loss
+
+        autocast = _autocast(device, dtype)
+        times, losses = _timed_steps(lambda: _train_step(forward, optimizer, batch, autocast), device, steps, warmup)
+        row["loss"] = losses[warmup + steps - 1].item()
+        if device.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if not interpreted:  # CPU times on a CPU
+            ms = statistics.median(times) * 1e3
+            row.update(ms=ms, tokens_per_s=b * t / (ms * 1e-3))
+        speed = f"{row['ms']:.2f} ms/step" if row["ms"] else row["note"]
+        log(f"  {speed}, loss {row['loss']:.4f}")
+    except Exception as exc:  # out of memory, an unsupported shape: a row that says so
+        row["note"] = describe_error(exc)
+        log(f"  failed: {row['note']}")
+    free_memory(device)
     return row
 
 
@@ -199,7 +285,8 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
-def _train_step(forward: Callable, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+def _train_step(forward: Callable, optimizer: torch.optim.Optimizer,
+                batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                 autocast: contextlib.AbstractContextManager) -> torch.Tensor:
     """One training step (forward under `autocast`, backward, optimizer step); the loss, detached."""
     with autocast:
@@ -217,12 +304,12 @@ _RSS_CHILD = ("import json, sys\nfrom tritongpt.bench import step\n"
 
 
 def fresh_process_peak_rss_mb(combo: Combo, preset: str, batch_size: int, seq_len: int, dtype: torch.dtype,
-                              seed: int) -> float:
+                              seed: int, doc_mask: bool = False) -> float:
     """Peak resident memory (MiB) of a new Python process that builds the combination's model and
     takes RSS_STEPS training steps on the CPU: one process per backend, so nothing an earlier
     combination allocated (and the allocator kept) counts."""
     args = dict(preset=preset, backends=dict(combo.backends), batch_size=batch_size, seq_len=seq_len,
-                dtype=dtype_name(dtype), seed=seed)
+                dtype=dtype_name(dtype), seed=seed, doc_mask=doc_mask)
     done = subprocess.run([sys.executable, "-c", _RSS_CHILD, json.dumps(args)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"memory process failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -230,13 +317,13 @@ def fresh_process_peak_rss_mb(combo: Combo, preset: str, batch_size: int, seq_le
 
 
 def step_peak_rss_mb(*, preset: str, backends: dict[str, str], batch_size: int, seq_len: int, dtype: str,
-                     seed: int) -> float:
+                     seed: int, doc_mask: bool = False) -> float:
     """In the fresh process: RSS_STEPS CPU training steps with `backends`, then this process's peak
     resident memory in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
     import resource  # lazy: Unix only, and only the fresh memory process reads it
 
     cpu = torch.device("cpu")
-    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, cpu)
+    block, batch = _block_and_batch(preset, batch_size, seq_len, seed, cpu, doc_mask)
     model, optimizer = _model_and_optimizer(preset, block, backends, cpu, seed)
     autocast = _autocast(cpu, getattr(torch, dtype))
     for _ in range(RSS_STEPS):

@@ -70,23 +70,31 @@ def row_tolerance(dtype: torch.dtype, device: torch.device) -> float:
 @dataclass
 class Provider:
     name: str
-    make: Callable[[], Callable] | None  # returns the op callable for the next case; None: cannot run
+    # (the case's first input set) -> the op callable for that case; None: cannot run
+    make: Callable[[Inputs], Callable] | None
     timed: bool = True  # False: correctness only (Triton interpreter)
     note: str = ""  # why it cannot run, or what its rows mean
     scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # held while it runs
+    backward: bool = True  # False: forward only here (fwd rows; the others say why not)
 
 
-def _fixed(fn: Callable) -> Callable[[], Callable]:
-    return lambda: fn
+def _fixed(fn: Callable) -> Callable[[Inputs], Callable]:
+    return lambda inputs: fn
 
 
-def _compiled(fn: Callable) -> Callable[[], Callable]:
+def _compiled(fn: Callable) -> Callable[[Inputs], Callable]:
     """A fresh torch.compile per case, static shapes: dynamo's cache is reset first so no case
     hits the recompile limit and falls back to eager unnoticed."""
-    def make() -> Callable:
+    def make(inputs: Inputs) -> Callable:
         torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
     return make
+
+
+def _prepared(prepare: Callable) -> Callable[[Inputs], Callable]:
+    """A backend's `prepared` variant: what it builds from the masks (e.g. Flex's block mask) is
+    built once per case, outside the timed calls. Every input set of a case has the same masks."""
+    return lambda inputs: call(prepare, inputs)
 
 
 def _keep_saved_buffers() -> contextlib.AbstractContextManager:
@@ -100,11 +108,19 @@ def providers(op: str, device: torch.device, compile: bool = True) -> tuple[list
     """Everything that can compute `op` here, and what was left out (with the reason)."""
     found, skipped = [], []
     for name in registry.backends(op):
-        needs = registry.backend(op, name).needs
+        backend = registry.backend(op, name)
+        needs = backend.needs
         if needs == "triton" and registry.interpreting():
             found.append(Provider(name, _fixed(registry.resolve(op, name)), timed=False, note=INTERPRETER_NOTE))
-        elif registry.usable(op, name, device):
-            found.append(Provider(name, _fixed(registry.resolve(op, name, device=device))))
+        elif registry.usable(op, name, device, backward=False):
+            forward_only = not registry.usable(op, name, device)
+            fn = registry.resolve(op, name, device=device, backward=False)
+            note = f"forward only on {device.type}" if forward_only else ""
+            found.append(Provider(name, _fixed(fn), note=note, backward=not forward_only))
+            if backend.prepared is not None:
+                found.append(Provider(f"{name} (prepared)", _prepared(backend.prepared),
+                                      note=join_notes(note, "mask built outside the timed calls"),
+                                      backward=not forward_only))
         elif needs == "cuda":
             skipped.append({"op": op, "provider": name, "reason": "needs CUDA"})
         else:
@@ -208,17 +224,23 @@ def run_case(spec: OpSpec, case: Case, found: list[Provider], *, device: torch.d
 def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tuple | str, *,
              device: torch.device, dtype: torch.dtype, timer: Timer, ceiling: dict,
              log: Callable[[str], None]) -> list[dict]:
+    tiles = spec.tiles(case) if spec.tiles is not None else None
     rows = {mode: blank_row(op=case.op, provider=p.name, mode=mode, series=case.series, shape=case.shape,
-                            size=case.size, dtype=dtype_name(dtype), note=p.note)
+                            size=case.size, dtype=dtype_name(dtype), tiles=tiles, note=p.note)
             for mode in MODES}
     if p.make is None:
         log(f"  {p.name:<16} {p.note}")
         return list(rows.values())
     try:
-        fn = p.make()
-        out = call(fn, sets[0])
-        gradients = grads(out, sets[0])
-        errs = {} if isinstance(ref, str) else errors(out, gradients, ref)
+        fn = p.make(sets[0])
+        if p.backward:
+            out = call(fn, sets[0])
+            gradients = grads(out, sets[0])
+            errs = {} if isinstance(ref, str) else errors(out, gradients, ref)
+        else:
+            with torch.no_grad():
+                out, gradients = call(fn, sets[0]), ()
+            errs = {} if isinstance(ref, str) else {"err_out": errors(out, (), ref)["err_out"]}
         del out, gradients
     except Exception as exc:
         note = describe_error(exc)
@@ -233,9 +255,13 @@ def _measure(spec: OpSpec, case: Case, p: Provider, sets: list[Inputs], ref: tup
         log(f"  {p.name:<16} {p.note}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
         return list(rows.values())
     for mode, row in rows.items():
+        if not p.backward and mode != "fwd":
+            row["note"] = join_notes(row["note"], "no backward here")
+            continue
         try:
-            ms = timer(runner(mode, fn, sets))
-            peak = peak_mb(runner(mode, fn, sets[:1]), device)
+            with contextlib.nullcontext() if p.backward else torch.no_grad():
+                ms = timer(runner(mode, fn, sets))
+                peak = peak_mb(runner(mode, fn, sets[:1]), device)
         except Exception as exc:
             row["note"] = join_notes(row["note"], describe_error(exc))
             log(f"  {p.name:<16} {mode:<8} failed: {row['note']}")

@@ -47,13 +47,14 @@ COLUMNS = (
     "speedup",  # BASELINE's ms / this ms, same case and mode (step: vs eager+sdpa)
     "err_out",  # max relative error of the output vs the float32/float64 reference
     "err_grad",  # max relative error over the input gradients
+    "tiles",  # (query block, key block) tiles the Triton forward visits (OpSpec.tiles; attention)
     "peak_mem_mb",  # MiB allocated at the peak above the inputs (step: whole training step); CUDA only
     "tokens_per_s",  # step rows
     "loss",  # step rows: loss of the first step (same seed and batch for every combination)
     "backends",  # step rows: the backend each op resolved to
     "note",  # why a value is missing, correctness-only rows, flags
 )
-NUMERIC = {"size", "ms", "tflops", "gbps", "pct_peak", "speedup", "err_out", "err_grad", "peak_mem_mb",
+NUMERIC = {"size", "ms", "tflops", "gbps", "pct_peak", "speedup", "err_out", "err_grad", "tiles", "peak_mem_mb",
            "tokens_per_s", "loss"}
 
 
@@ -160,7 +161,7 @@ def format_table(head: dict, rows: list[dict]) -> str:
     """The rows as text tables, one per op, after the header lines and with the skipped peers."""
     out = header_lines(head)
     kernel_cols = ("shape", "provider", "mode", "ms", "tflops", "gbps", "pct_peak", "speedup",
-                   "err_out", "err_grad", "peak_mem_mb", "note")
+                   "err_out", "err_grad", "tiles", "peak_mem_mb", "note")
     step_cols = ("shape", "provider", "ms", "tokens_per_s", "tflops", "pct_peak", "speedup", "loss",
                  "peak_mem_mb", "backends", "note")
     titles = {"tflops": "TFLOP/s", "gbps": "GB/s", "pct_peak": "%peak", "peak_mem_mb": "mem MiB",
@@ -171,8 +172,9 @@ def format_table(head: dict, rows: list[dict]) -> str:
         if op == "step":
             titles_here = {**titles, "pct_peak": "MFU %", "ms": "ms/step"}
         else:
-            used = {c for c in ("tflops", "gbps") if any(r[c] is not None for r in mine)}
-            cols = tuple(c for c in cols if c not in {"tflops", "gbps"} - used)
+            optional = {"tflops", "gbps", "tiles"}  # shown where some row has them
+            used = {c for c in optional if any(r[c] is not None for r in mine)}
+            cols = tuple(c for c in cols if c not in optional - used)
             titles_here = titles
         cells = [[titles_here.get(c, c) for c in cols]]
         cells += [[fmt(r[c], DIGITS.get(c, 3)) for c in cols] for r in mine]

@@ -12,8 +12,10 @@ max relative error against the op's reference run in float64 (CPU) or fp32 (GPU)
 within the dtype's tolerance and, for fp16/bf16 on a GPU, at most 2x the error PyTorch's own
 reference makes in the same dtype; a rerun that must be bitwise equal where the backend claims
 determinism; the first call's time (compile and autotune included); the median forward+backward
-time next to the `torch` backend and torch.compile of it. A backend that cannot run a shape
-(unsupported, out of memory) is reported, not failed. On a CPU nothing is timed.
+time next to the `torch` backend and torch.compile of it. A backend that declares it cannot run
+a shape (the project's TritonGPTError, raised for an unsupported shape or dtype) or runs out of
+memory is reported as "cannot run", not failed; any other exception, forward or backward, from a
+plugin or a built-in backend, is a failure with its message. On a CPU nothing is timed.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import torch
 
 from tritongpt.bench.sweeps import default_dtype, pick_device
 from tritongpt.bench.tables import aligned, device_name, fmt, log, versions
-from tritongpt.errors import require
+from tritongpt.errors import TritonGPTError, require
 from tritongpt.files import atomic_write_bytes
 from tritongpt.kernels import registry
-from tritongpt.kernels.measure import Timer, check
-from tritongpt.kernels.spec import DTYPES, dtype_name
+from tritongpt.kernels.measure import Timer, check, describe_error
+from tritongpt.kernels.spec import DTYPES, call, dtype_name, grads
 from tritongpt.model.config import GPTConfig, check_preset
 
 COLUMNS = ("op", "backend", "shape", "dtype", "status", "err_out", "err_grad", "torch_err", "deterministic",
@@ -103,7 +105,7 @@ def verify(config, batch: int, seq_len: int | None, device: torch.device, dtype:
             for name, fn, deterministic in candidates:
                 result = own if name == "torch" else check(fn, inputs, reference, dtype, device, baseline=baseline,
                                                            claims_determinism=deterministic, timer=timer)
-                rows.append(_row(op, name, case.shape, dtype, result, baseline, own.ms))
+                rows.append(_row(op, name, case.shape, dtype, result, status(result, fn, inputs), baseline, own.ms))
                 log(f"  {name:<16} {rows[-1]['status']} {rows[-1]['note']}")
             del inputs, reference
             if device.type == "cuda":
@@ -111,9 +113,31 @@ def verify(config, batch: int, seq_len: int | None, device: torch.device, dtype:
     return header(device, dtype, config, batch, seq_len, timed, skipped), rows
 
 
-def _row(op: str, name: str, shape: str, dtype: torch.dtype, result, baseline: dict | None,
+def declared_inability(exc: BaseException) -> bool:
+    """Whether an exception says the backend cannot run these inputs, rather than that it is
+    broken: the project's error for an unsupported shape or dtype, or out of memory."""
+    return isinstance(exc, (TritonGPTError, torch.OutOfMemoryError))
+
+
+def status(result, fn: Callable, inputs) -> str:
+    """"ok", "FAIL", or "cannot run" (declared inability only). `check` keeps no exception, so one
+    that raised is run again here (forward and backward) to see what it raises; a non-declared
+    exception becomes the row's note."""
+    if result.ran:
+        return "ok" if result.ok else "FAIL"
+    try:
+        grads(call(fn, inputs), inputs)
+    except Exception as exc:
+        if declared_inability(exc):
+            return "cannot run"
+        result.why = describe_error(exc)
+        return "FAIL"
+    result.why = f"raised, then ran when called again: {result.why}"
+    return "FAIL"
+
+
+def _row(op: str, name: str, shape: str, dtype: torch.dtype, result, status: str, baseline: dict | None,
          torch_ms: float | None) -> dict:
-    status = "ok" if result.ok else "FAIL" if result.ran else "cannot run"
     return {
         "op": op, "backend": name, "shape": shape, "dtype": dtype_name(dtype), "status": status,
         "err_out": result.errors.get("err_out"), "err_grad": result.errors.get("err_grad"),

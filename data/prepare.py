@@ -8,8 +8,10 @@ Two split rules:
     int(chars * (1 - val_fraction)) characters are train, the rest val; each split is tokenized
     with encode_ordinary and no end-of-text tokens, so the counts equal nanoGPT's prepare.py.
     The file is read twice: once to count its characters, once to tokenize it.
-  * many documents (a directory or glob of .txt / .jsonl files; a .jsonl file is one document
-    per line, field "text"; a .txt file is one document): document i goes to val when
+  * many documents (a directory or glob of .txt / .jsonl / .parquet files; a .jsonl file is one
+    document per line, field "text" (--text-column); a .parquet file (FineWeb's format; needs
+    pyarrow, the `parquet` extra) one document per row of that string column, read in batches of
+    PARQUET_BATCH_ROWS rows so memory stays bounded; a .txt file is one document): document i goes to val when
     floor((i + 1) * val_fraction) > floor(i * val_fraction) (every 10th document for 0.1, in
     the sorted file order), and every document is preceded by end-of-text, as llm.c's fineweb.py.
 Memory stays bounded whatever the corpus size: files are read in blocks and re-cut into pieces
@@ -41,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from tritongpt.data.assets import find_asset
-from tritongpt.data.shards import ShardWriter
-from tritongpt.data.tokenizer import check_fits_uint16, get_encoding
+from tritongpt.data.shards import VERSIONS, ShardWriter, version_for
+from tritongpt.data.tokenizer import get_encoding, tokenizer_name
 from tritongpt.errors import TritonGPTError
 from tritongpt.files import staged_dir
 from tritongpt.progress import Progress
@@ -52,12 +54,14 @@ READ_BYTES = 1 << 20
 DEFAULT_SHARD_TOKENS = 100_000_000  # llm.c's FineWeb shard size: 200 MB per shard
 NAMED_SOURCES = {"tinyshakespeare": "tinyshakespeare.txt"}
 SPLITS = ("train", "val")
-TEXT_SUFFIXES = (".txt", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DOCUMENT_SUFFIXES = (".jsonl", ".parquet")  # a file of many documents
+PARQUET_BATCH_ROWS = 1024  # rows read from a Parquet file at a time
 
 
 def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str = "gpt2",
             val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
-            force: bool = False, progress: bool = True) -> dict:
+            force: bool = False, progress: bool = True, text_column: str = "text") -> dict:
     """Tokenize `source` into shards in `out_dir` and return meta.json's contents (see the module doc)."""
     if not 0.0 <= val_fraction < 1.0:
         raise TritonGPTError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -75,13 +79,14 @@ def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
     inside = [f for f in files if out.resolve() in f.resolve().parents]
     if inside:
         raise TritonGPTError(f"output directory {out} holds the source file {inside[0]}; choose another --out")
+    tokenizer = tokenizer_name(tokenizer)  # as meta.json records it (an hf: directory made absolute)
     encoding = get_encoding(tokenizer)
-    check_fits_uint16(encoding)
     total_bytes = sum(f.stat().st_size for f in files)
     workers = max(1, min(workers, math.ceil(total_bytes / CHUNK_CHARS)))  # no more processes than tasks
 
     with staged_dir(out) as staging:
         meta = _write_shards(staging, single_file, files, encoding, tokenizer, val_fraction, shard_tokens, workers,
+                             text_column,
                              _Progress(total_bytes, enabled=progress))
         meta["source"] = str(source)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -93,7 +98,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[bool, list[Path]]:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file():
-        return path.suffix != ".jsonl", [path]
+        return path.suffix not in DOCUMENT_SUFFIXES, [path]
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
@@ -112,13 +117,13 @@ def resolve_source(source: str | os.PathLike) -> tuple[bool, list[Path]]:
 
 
 def _write_shards(directory: Path, single_file: bool, files: list[Path], encoding, tokenizer: str,
-                  val_fraction: float, shard_tokens: int, workers: int, progress: _Progress) -> dict:
+                  val_fraction: float, shard_tokens: int, workers: int, text_column: str, progress: _Progress) -> dict:
     documents = collections.Counter()
     if single_file:
         items = _single_file_items(files[0], val_fraction, progress)
     else:
-        items = _document_items(files, val_fraction, progress, documents)
-    writers = {split: _SplitShards(directory, split, shard_tokens) for split in SPLITS}
+        items = _document_items(files, val_fraction, progress, documents, text_column)
+    writers = {split: _SplitShards(directory, split, shard_tokens, encoding.n_vocab) for split in SPLITS}
     try:
         for result in _ordered_map(functools.partial(_tokenize, tokenizer), _tasks(items), workers):
             for split, tokens in result:
@@ -131,6 +136,7 @@ def _write_shards(directory: Path, single_file: bool, files: list[Path], encodin
             writer.abort()
         raise
     progress.finish()
+    version = version_for(encoding.n_vocab)
     meta = {
         "tokenizer": tokenizer,
         "vocab_size": encoding.n_vocab,
@@ -142,7 +148,8 @@ def _write_shards(directory: Path, single_file: bool, files: list[Path], encodin
         "eot_separators": not single_file,
         "shard_tokens": shard_tokens,
         "files": len(files),
-        "format": "llm.c: 256 int32 header (magic 20240520, version 1, token count), then uint16 tokens",
+        "format": f"llm.c: 256 int32 header (magic 20240520, version {version}, token count), then "
+                  f"{VERSIONS[version].name} tokens",
     }
     if not single_file:
         meta["documents"] = {split: documents[split] for split in SPLITS}
@@ -171,12 +178,14 @@ def _single_file_items(path: Path, val_fraction: float, progress: _Progress) -> 
 
 
 def _document_items(files: list[Path], val_fraction: float, progress: _Progress,
-                    documents: collections.Counter) -> Iterator[tuple[str, str, bool]]:
+                    documents: collections.Counter, text_column: str = "text") -> Iterator[tuple[str, str, bool]]:
     """(split, text, eot_first) pieces of every document; each document's first piece starts with eot."""
     def docs() -> Iterator[Iterable[str]]:
         for path in files:
             if path.suffix == ".jsonl":
-                yield from ([text] for text in _read_jsonl(path, progress))
+                yield from ([text] for text in _read_jsonl(path, progress, text_column))
+            elif path.suffix == ".parquet":
+                yield from ([text] for text in _read_parquet(path, progress, text_column))
             else:
                 yield _read_text(path, progress)
 
@@ -207,21 +216,50 @@ def _read_text(path: Path, progress: _Progress | None = None) -> Iterator[str]:
         raise TritonGPTError(f"{path}: not UTF-8 text ({exc})") from None
 
 
-def _read_jsonl(path: Path, progress: _Progress) -> Iterator[str]:
-    """The "text" field of each line of a .jsonl file."""
+def _read_jsonl(path: Path, progress: _Progress, field: str = "text") -> Iterator[str]:
+    """The `field` string of each line of a .jsonl file."""
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             progress.add_bytes(len(line))
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)["text"]
+                text = json.loads(line)[field]
             except (ValueError, KeyError, TypeError) as exc:
-                raise TritonGPTError(f"{path}:{number}: expected a JSON object with a string field \"text\" "
+                raise TritonGPTError(f"{path}:{number}: expected a JSON object with a string field \"{field}\" "
                                      f"({type(exc).__name__}: {exc})") from None
             if not isinstance(text, str):
-                raise TritonGPTError(f"{path}:{number}: field \"text\" is {type(text).__name__}, not a string")
+                raise TritonGPTError(f"{path}:{number}: field \"{field}\" is {type(text).__name__}, not a string")
             yield text
+
+
+def _read_parquet(path: Path, progress: _Progress, column: str) -> Iterator[str]:
+    """The `column` string of each row of a Parquet file, PARQUET_BATCH_ROWS rows at a time."""
+    try:
+        import pyarrow as pa  # lazy: pyarrow is the optional `parquet` extra
+        import pyarrow.parquet as pq  # lazy: as above
+    except ImportError:
+        raise TritonGPTError(f"{path}: reading Parquet needs pyarrow (pip install 'tritongpt[parquet]')") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TritonGPTError(f"{path}: not a readable Parquet file ({exc})") from None
+    schema = parquet.schema_arrow
+    if column not in schema.names:
+        raise TritonGPTError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); choose one with "
+                             f"--text-column")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise TritonGPTError(f"{path}: column {column!r} holds {kind}, not strings")
+    rows, size, done = max(1, parquet.metadata.num_rows), path.stat().st_size, 0
+    for number, batch in enumerate(parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column])):
+        texts = batch.column(0).to_pylist()
+        if None in texts:
+            row = number * PARQUET_BATCH_ROWS + texts.index(None)
+            raise TritonGPTError(f"{path}: row {row} has no {column!r} (null)")
+        shown, done = done, done + len(texts)
+        progress.add_bytes(size * done // rows - size * shown // rows)
+        yield from texts
 
 
 def _pieces(blocks: Iterable[str]) -> Iterator[str]:
@@ -274,7 +312,7 @@ def _tokenize(tokenizer: str, task: list[tuple[str, str, bool]]) -> list[tuple[s
         if eot_first:
             ids.append(encoding.eot_token)
         ids.extend(encoding.encode_ordinary(text))
-    return [(split, np.array(ids, dtype=np.uint16)) for split, ids in per_split.items()]
+    return [(split, np.array(ids, dtype=np.uint32)) for split, ids in per_split.items()]
 
 
 def _ordered_map(fn, tasks: Iterable, workers: int) -> Iterator:
@@ -296,8 +334,8 @@ def _ordered_map(fn, tasks: Iterable, workers: int) -> Iterator:
 class _SplitShards:
     """Writes one split's token stream as {split}_000000.bin, {split}_000001.bin, ... of shard_tokens each."""
 
-    def __init__(self, directory: Path, split: str, shard_tokens: int):
-        self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
+    def __init__(self, directory: Path, split: str, shard_tokens: int, vocab_size: int):
+        self.directory, self.split, self.shard_tokens, self.vocab_size = directory, split, shard_tokens, vocab_size
         self.names: list[str] = []
         self.num_tokens = 0
         self._writer: ShardWriter | None = None
@@ -306,7 +344,7 @@ class _SplitShards:
         self.num_tokens += tokens.size
         while tokens.size:
             if self._writer is None:
-                self._writer = ShardWriter(self.directory / f"{self.split}_{len(self.names):06d}.bin")
+                self._writer = ShardWriter(self.directory / f"{self.split}_{len(self.names):06d}.bin", self.vocab_size)
             room = self.shard_tokens - self._writer.num_tokens
             self._writer.append(tokens[:room])
             tokens = tokens[room:]

@@ -4,8 +4,11 @@
         write_shard('t.bin', np.arange(9)); print(read_shard('t.bin'))"
 
 A shard (llm.c, modded-nanogpt FineWeb) is a header of 256 little-endian int32 — [0] the magic
-20240520, [1] the version 1, [2] the token count, the rest zero — then that many uint16 token ids.
-nanoGPT's train.bin / val.bin are the uint16 ids alone, with no header.
+20240520, [1] the version, [2] the token count, the rest zero — then that many token ids. The
+version says their width (VERSIONS): 1 is llm.c's, little-endian uint16, for vocabularies of at
+most 65,536 tokens (GPT-2's); 2, this project's extension, is little-endian uint32, which a
+writer uses when the vocabulary is larger (`version_for`: e.g. Llama 3's 128,256 tokens).
+Readers accept both. nanoGPT's train.bin / val.bin are uint16 ids alone, with no header.
 Every file is written to a temp name beside its target and renamed, so none is ever half-written.
 """
 
@@ -20,19 +23,30 @@ from tritongpt.errors import TritonGPTError
 from tritongpt.files import commit, temp_sibling
 
 MAGIC = 20240520
-VERSION = 1
+VERSIONS = {1: np.dtype("<u2"), 2: np.dtype("<u4")}  # header version -> the token ids' dtype
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.dtype("<u2")
+TOKEN_DTYPE = VERSIONS[1]  # llm.c's, and nanoGPT's header-less files'
 VOCAB_CHECK_CHUNK = 1 << 24  # tokens per max() when checking ids against a vocabulary
+
+
+def version_for(vocab_size: int) -> int:
+    """The narrowest shard version whose ids hold a vocabulary of `vocab_size` tokens."""
+    for version, dtype in VERSIONS.items():
+        if vocab_size <= 1 << (8 * dtype.itemsize):
+            return version
+    raise TritonGPTError(f"a vocabulary of {vocab_size} tokens does not fit uint32 token ids")
 
 
 class ShardWriter:
     """Streams tokens into one shard: a temp file with a placeholder header, appended to chunk by
-    chunk (bounded memory), then the header's count is filled in and the file renamed into place."""
+    chunk (bounded memory), then the header's count is filled in and the file renamed into place.
+    The ids are uint16 (version 1) unless `vocab_size` exceeds 65,536 (then uint32, version 2)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, vocab_size: int = 1 << 16):
         self.path = Path(path)
+        self.version = version_for(vocab_size)
+        self.dtype = VERSIONS[self.version]
         self._tmp = temp_sibling(self.path)
         self._file = open(self._tmp, "xb")
         self._file.write(bytes(HEADER_BYTES))
@@ -40,15 +54,16 @@ class ShardWriter:
 
     def append(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
-            raise TritonGPTError(f"{self.path}: token ids must lie in [0, 65536) to fit uint16, "
-                                 f"got range [{tokens.min()}, {tokens.max()}]")
-        self._file.write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        limit = 1 << (8 * self.dtype.itemsize)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
+            raise TritonGPTError(f"{self.path}: token ids must lie in [0, {limit}) to fit {self.dtype.name} "
+                                 f"(shard version {self.version}), got range [{tokens.min()}, {tokens.max()}]")
+        self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self.num_tokens += tokens.size
 
     def close(self) -> Path:
         header = np.zeros(HEADER_INTS, dtype="<i4")
-        header[:3] = (MAGIC, VERSION, self.num_tokens)
+        header[:3] = (MAGIC, self.version, self.num_tokens)
         self._file.seek(0)
         self._file.write(header.tobytes())
         self._file.flush()
@@ -71,15 +86,21 @@ class ShardWriter:
             self.abort()
 
 
-def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
-    """Write `tokens` (ints in [0, 65536)) as one llm.c shard at `path`, atomically."""
-    with ShardWriter(path) as writer:
+def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int = 1 << 16) -> Path:
+    """Write `tokens` (ints in [0, vocab_size)) as one llm.c shard at `path`, atomically: uint16
+    ids (version 1) for a vocabulary of at most 65,536 tokens, else uint32 (version 2)."""
+    with ShardWriter(path, vocab_size) as writer:
         writer.append(tokens)
     return writer.path
 
 
 def read_header(path: str | os.PathLike) -> int:
     """Validate an llm.c shard header against the file and return its token count."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[int, np.dtype]:
+    """(token count, token dtype) of a shard whose header matches the file."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
@@ -88,22 +109,23 @@ def read_header(path: str | os.PathLike) -> int:
     if header[0] != MAGIC:
         raise TritonGPTError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not an llm.c token shard "
                              f"(header-less nanoGPT files must be named train.bin / val.bin)")
-    if header[1] != VERSION:
-        raise TritonGPTError(f"{path}: unsupported shard version {header[1]} (only version {VERSION}, uint16 "
-                             f"tokens, is read)")
+    if int(header[1]) not in VERSIONS:
+        raise TritonGPTError(f"{path}: unsupported shard version {header[1]} (read: 1, uint16 tokens; 2, uint32)")
+    dtype = VERSIONS[int(header[1])]
     count = int(header[2])
-    if count < 0 or size != HEADER_BYTES + 2 * count:
-        raise TritonGPTError(f"{path}: header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) but the file "
-                             f"has {size} bytes")
-    return count
+    if count < 0 or size != HEADER_BYTES + dtype.itemsize * count:
+        raise TritonGPTError(f"{path}: header says {count} tokens ({HEADER_BYTES + dtype.itemsize * count} bytes, "
+                             f"{dtype.name} ids of version {header[1]}) but the file has {size} bytes")
+    return count, dtype
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of an llm.c shard, memory-mapped read-only (uint16), after validating its header."""
-    count = read_header(path)
+    """The tokens of an llm.c shard, memory-mapped read-only (uint16 or uint32, as its version
+    says), after validating its header."""
+    count, dtype = _read_header(path)
     if count == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
 def read_raw(path: str | os.PathLike) -> np.ndarray:

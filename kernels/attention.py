@@ -1,58 +1,48 @@
 """Flash attention (FA2-style) forward and backward in Triton, with TMA loads on Hopper.
 
-Layout: q (B, T, H, D), k and v (B, S, H_kv, D), H_kv dividing H, D in HEAD_DIMS. Each of q, k,
-v, out (and the gradients) may have any batch, sequence and head strides (e.g. q, k, v as views
-of one packed (B, T, 3, H, D) tensor, or a (B, H, T, D) tensor transposed) but must be contiguous
-in the head dim (stride 1): kernels take the batch, sequence and head strides only and never
-copy. Offsets are int64 where they can pass 2^31 (T * row stride of a long packed sequence).
-Tensor-descriptor (TMA) configs additionally need 16-byte aligned data pointers and batch,
-sequence and head strides that are multiples of 16 bytes; other inputs get pointer configs.
+Layout: q (B, T, H, D), k and v (B, S, H_kv, D), H_kv dividing H, D in HEAD_DIMS, with any batch,
+sequence and head strides (e.g. views of one packed QKV tensor) and a contiguous head dim: the
+kernels take strides and never copy; offsets are int64 where they can pass 2^31. Tensor-descriptor
+(TMA) configs also need 16-byte aligned pointers and strides (`attention_configs.suits_tma`).
 
 Forward: each program owns BLOCK_M queries of one (batch, head) and streams BLOCK_N keys at a
-time, keeping the running max (in raw score units) and sum of an online softmax in base 2: the
-softmax scale and log2(e) fold into the exp2 argument (one FMA per score). It saves the
-log2-sum-exp2 of each query row (`lse`) for backward. Every kernel runs on one grid axis (no
-65535 cap), block major: one query (or key) block of every (batch, head) before the next block
-of any; under causal masking query blocks run last to first, so the blocks that see the most
-keys start first across all heads (dK/dV's first key blocks already see the most queries).
-Backward recomputes the probabilities from `lse`: a preprocess computes delta = rowsum(dO * O),
-a dK/dV pass runs one program per BLOCK_N keys of one k/v head, looping over (query head of the
-group, query block) as ONE flattened loop (GQA dk/dv summed in a fixed order, no atomics; a
-nested head loop costs ~50 registers the big tiles cannot spare), and a dQ pass runs one program
-per BLOCK_M queries. Both passes are deterministic.
+time through an online softmax in base 2 (scale and log2(e) fold into one FMA per score), saving
+each row's log2-sum-exp2 (`lse`). Every kernel runs on one grid axis, block major (one block of
+every (batch, head) before the next block of any); under causal masking query blocks run last to
+first, so the blocks that see the most keys start first. Backward recomputes the probabilities
+from `lse`: a preprocess computes delta = rowsum(dO * O); dK/dV runs one program per BLOCK_N keys
+of one k/v head over (query head of the group, query block) as ONE flattened loop (GQA summed in
+a fixed order, no atomics; a nested loop costs ~50 registers); dQ one per BLOCK_M queries. Both
+are deterministic.
 
-Masks (same semantics as `attention_spec.attention_mask`): query i sits at key position
-pos(i) = i + S - T; causal keeps keys j <= pos(i); a window w keeps j > pos(i) - w; doc ids
-keep keys of the query's own document. Key blocks that causal/window bounds exclude are never
-visited; blocks they keep entirely run without any position mask (`CHECK_POS=False`).
+Masks (the semantics of `attention_spec.attention_mask`): query i sits at key position
+pos(i) = i + S - T; causal keeps keys j <= pos(i), a window w keeps j > pos(i) - w, doc ids keep
+the query's own document. Each program walks three block ranges from kernels/attention_blocks.py:
+masked edge blocks, a middle of fully visible blocks with no mask at all (`CHECK_POS=False`),
+masked edge blocks; blocks that causal, window or the program's documents exclude are never
+visited, so packed documents cost work in proportion to the sum of their squared lengths.
 
-Loads: pointer loads (cp.async, pipelined) everywhere; on sm_90 the forward and dQ kernels also
-have tensor-descriptor configs (`USE_TMA`: TMA loads of K/V, and in the forward of Q and the
-output store) when the installed Triton has `tl.make_tensor_descriptor`; the autotuner picks
-between them on the GPU. The descriptors are built on the device (a host TensorDescriptor would
-need a per-config pre_hook for its block shape, which disables the autotuner's disk cache), so
-the launchers make sure Triton has a scratch allocator. fp32 inputs honour
-`torch.get_float32_matmul_precision()` ("highest": IEEE dots, else tf32).
-
-Configs (tiles, the per-architecture config table, the pruner, the compile report's variants):
+Loads: pipelined pointer loads everywhere; on sm_90 the forward and dQ also have tensor-descriptor
+configs (`USE_TMA`, device-built descriptors: a host descriptor's per-config pre_hook would
+disable the autotuner's disk cache) where the installed Triton has `tl.make_tensor_descriptor`.
+fp32 inputs honour `torch.get_float32_matmul_precision()` ("highest": IEEE dots, else tf32).
+Configs (tiles, the config table, the pruner, the compile report's variants):
 kernels/attention_configs.py.
 
     python -m pytest -q tests/test_attention.py
     tritongpt kernels compile --arch sm_90 --filter attn
 """
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
 from tritongpt.errors import require
-from tritongpt.kernels import attention_configs, attention_spec, checks, registry
+from tritongpt.kernels import attention_blocks, attention_configs, attention_spec, checks, registry
+from tritongpt.kernels.attention_blocks import key_bounds, query_bounds
 from tritongpt.kernels.attention_configs import HEAD_DIMS
-from tritongpt.kernels.registry import interpreting
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # scores * scale * log2(e), then exp2 == exp
 
@@ -140,87 +130,41 @@ def _visible(
     doc_k,  # document id of each key (ignored unless HAS_DOCS)
     S,  # key length
     window,  # sliding window (ignored unless HAS_WINDOW)
-    CHECK_POS: tl.constexpr,  # apply the causal / window / key-length masks
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
 ):
-    """True where a query may see a key. Call only when CHECK_POS or HAS_DOCS."""
-    if CHECK_POS:
-        ok = pos_k < S
-        if CAUSAL:
-            ok = ok & (pos_k <= pos_q)
-        if HAS_WINDOW:
-            ok = ok & (pos_k > pos_q - window)
-        if HAS_DOCS:
-            ok = ok & (doc_q == doc_k)
-    else:
-        ok = doc_q == doc_k
+    """True where a query may see a key: the key exists, and causal, window and documents allow it."""
+    ok = pos_k < S
+    if CAUSAL:
+        ok = ok & (pos_k <= pos_q)
+    if HAS_WINDOW:
+        ok = ok & (pos_k > pos_q - window)
+    if HAS_DOCS:
+        ok = ok & (doc_q == doc_k)
     return ok
 
 
 @triton.jit
-def _key_bounds(
-    start_m,  # index of the query block
+def _query_program(
     T,  # query length
-    S,  # key length
-    window,  # sliding window (ignored unless HAS_WINDOW)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    H,  # query heads
+    GROUP,  # query heads per k/v head
+    BLOCK_M: tl.constexpr,  # queries per program
     CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
 ):
-    """Keys (lo, full_lo, full_hi, hi) that queries start_m * BLOCK_M + [0, BLOCK_M) may see:
-    [lo, hi), split so that key blocks starting in [full_lo, full_hi) are visible to every query
-    of the block (no mask). The three regions: the window's leading edge, the fully visible
-    middle, the causal diagonal / ragged end."""
-    first = start_m * BLOCK_M + S - T  # key position of the block's first query
-    last = first + BLOCK_M - 1
-    lo = 0
-    full_lo = 0
-    hi = S
-    full_hi = (S // BLOCK_N) * BLOCK_N  # the ragged last key block needs the key-length mask
+    """(query block, batch * H + head, batch, head, k/v head) of this program of the forward or dQ.
+    One grid axis (CUDA caps axes 1 and 2 at 65535): program = query block * (B * H) + batch * H +
+    head, so one query block of every (batch, head) runs before the next block of any; under causal
+    masking the last query blocks, which see the most keys, run first."""
+    blocks = tl.cdiv(T, BLOCK_M)
+    n_bh = tl.num_programs(0) // blocks
+    start_m = tl.program_id(0) // n_bh
+    off_bh = tl.program_id(0) % n_bh
     if CAUSAL:
-        hi = tl.minimum(S, last + 1)
-        full_hi = tl.minimum(full_hi, ((first + 1) // BLOCK_N) * BLOCK_N)
-        if HAS_WINDOW:
-            lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
-            full_lo = tl.cdiv(tl.maximum(last - window + 1, 0), BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def _query_bounds(
-    start_n,  # index of the key block
-    T,  # query length
-    S,  # key length
-    window,  # sliding window (ignored unless HAS_WINDOW)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-):
-    """Queries (lo, full_lo, full_hi, hi) that may see keys start_n * BLOCK_N + [0, BLOCK_N):
-    [lo, hi), split so that query blocks starting in [full_lo, full_hi) see every key of the
-    block. The three regions: the causal diagonal, the fully visible middle, the window's
-    trailing edge. Query rows past T need no mask: their lse is +inf, so their probabilities are 0."""
-    first = start_n * BLOCK_N - (S - T)  # the first key, as a query index (query i sits at i + S - T)
-    last = first + BLOCK_N - 1
-    lo = 0
-    full_lo = 0
-    hi = T
-    full_hi = T
-    if CAUSAL:  # query i sees key j iff i >= j - (S - T)
-        lo = (tl.maximum(first, 0) // BLOCK_M) * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(last, 0), BLOCK_M) * BLOCK_M
-        if HAS_WINDOW:  # ... and i < j - (S - T) + window
-            hi = tl.minimum(T, last + window)
-            full_hi = (tl.maximum(first + window, 0) // BLOCK_M) * BLOCK_M
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
+        start_m = blocks - 1 - start_m
+    off_h = (off_bh % H).to(tl.int64)
+    return start_m, off_bh, (off_bh // H).to(tl.int64), off_h, off_h // GROUP
 
 
 @triton.jit
@@ -247,7 +191,7 @@ def _fwd_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CHECK_POS: tl.constexpr,  # these key blocks need the causal / window / key-length masks
+    CHECK_POS: tl.constexpr,  # these key blocks need the causal / window / document / key-length masks
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -258,17 +202,17 @@ def _fwd_inner(
         k = _load_rows(k_src, start_n, offs_n, offs_d, S, stride_kt, HEAD_DIM, BLOCK_D, CHECK_POS, USE_TMA)
         v = _load_rows(v_src, start_n, offs_n, offs_d, S, stride_vt, HEAD_DIM, BLOCK_D, CHECK_POS, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32 raw scores
-        if CHECK_POS or HAS_DOCS:
+        if CHECK_POS:
             pos_k = start_n + offs_n
             doc_k = pos_k
             if HAS_DOCS:
                 doc_k = tl.load(doc_base + pos_k * stride_ds, mask=pos_k < S, other=0)
             ok = _visible(pos_q[:, None], pos_k[None, :], doc_q[:, None], doc_k[None, :], S, window,
-                          CHECK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
+                          CAUSAL, HAS_WINDOW, HAS_DOCS)
             qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_shift = m_new
-        if CHECK_POS or HAS_DOCS:  # a row with no visible key yet keeps m = -inf but shifts by 0: no -inf - -inf
+        if CHECK_POS:  # a row with no visible key yet keeps m = -inf but shifts by 0: no -inf - -inf
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         shift = m_shift * qk_scale
         p = tl.math.exp2(qk * qk_scale - shift[:, None])  # scale and shift: one FMA per score
@@ -288,6 +232,7 @@ def _attn_fwd_kernel(
     Out,  # (B, T, H, D) output
     Lse,  # (B, H, T) fp32 output: log2-sum-exp2 of each query's scaled scores, for backward
     DocIds,  # (B, S) int document id of each key position (read only when HAS_DOCS)
+    DocBounds,  # (B, 2, S) int32 document start and end of each position, from doc_bounds (HAS_DOCS only)
     stride_qb, stride_qt, stride_qh,  # Q strides (the head dim is contiguous)
     stride_kb, stride_kt, stride_kh,  # K strides
     stride_vb, stride_vt, stride_vh,  # V strides
@@ -312,17 +257,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,  # keys per step
     USE_TMA: tl.constexpr,  # tensor-descriptor loads and stores
 ):
-    # One grid axis (CUDA caps axes 1 and 2 at 65535): program = query block * (B * H) + batch * H + head,
-    # so one query block of every (batch, head) runs before the next block of any
-    blocks = tl.cdiv(T, BLOCK_M)
-    n_bh = tl.num_programs(0) // blocks
-    start_m = tl.program_id(0) // n_bh
-    off_bh = tl.program_id(0) % n_bh
-    if CAUSAL:  # heaviest first: the last query blocks see the most keys
-        start_m = blocks - 1 - start_m
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_hkv = _query_program(T, H, GROUP, BLOCK_M, CAUSAL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -343,7 +278,8 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bounds = _key_bounds(start_m, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    bounds = key_bounds(start_m, T, S, window, DocBounds + off_b * 2 * S, BLOCK_M, BLOCK_N, CAUSAL,
+                        HAS_WINDOW, HAS_DOCS)
     for region in tl.static_range(3):  # masked, unmasked (the fully visible middle), masked
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, pos_q, doc_q, k_src, v_src, doc_base, stride_kt, stride_vt,
                                    stride_ds, offs_n, offs_d, bounds[region], bounds[region + 1], S, window,
@@ -417,7 +353,7 @@ def _dkdv_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    CHECK_POS: tl.constexpr,  # these query blocks need the causal / window masks
+    CHECK_POS: tl.constexpr,  # these query blocks need the causal / window / document masks
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -437,13 +373,13 @@ def _dkdv_inner(
         lse = tl.load(lse_group + g * T + rows, mask=rows < T, other=float("inf"))
         delta = tl.load(delta_group + g * T + rows, mask=rows < T, other=0.0)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
-        if CHECK_POS or HAS_DOCS:
+        if CHECK_POS:
             pos_q = rows + (S - T)
             doc_q = pos_q
             if HAS_DOCS:
                 doc_q = tl.load(doc_base + pos_q * stride_ds, mask=rows < T, other=0)
             ok = _visible(pos_q[None, :], pos_k[:, None], doc_q[None, :], doc_k[:, None], S, window,
-                          CHECK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
+                          CAUSAL, HAS_WINDOW, HAS_DOCS)
             p_t = tl.where(ok, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M) fp32
@@ -462,6 +398,7 @@ def _attn_bwd_dkdv_kernel(
     Lse,  # (B, H, T) fp32 from the forward
     Delta,  # (B, H, T) fp32 from the preprocess
     DocIds,  # (B, S) int document ids (read only when HAS_DOCS)
+    DocBounds,  # (B, 2, S) int32 document start and end of each position, from doc_bounds (HAS_DOCS only)
     DK,  # (B, S, H_kv, D) output: gradient of K, summed over the group's query heads
     DV,  # (B, S, H_kv, D) output: gradient of V, summed over the group's query heads
     stride_qb, stride_qt, stride_qh,  # Q strides (the head dim is contiguous)
@@ -516,7 +453,8 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    bounds = _query_bounds(start_n, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    bounds = query_bounds(start_n, T, S, window, DocBounds + off_b * 2 * S, BLOCK_M, BLOCK_N, CAUSAL,
+                          HAS_WINDOW, HAS_DOCS)
     for region in tl.static_range(3):  # masked (the causal diagonal), unmasked, masked (the window's trailing edge)
         dk, dv = _dkdv_inner(dk, dv, k, v, pos_k, doc_k, q_group, do_group, Lse + stats_row, Delta + stats_row,
                              doc_base, stride_qh, stride_qt, stride_doh, stride_dot, stride_ds, offs_m, offs_d,
@@ -553,7 +491,7 @@ def _dq_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CHECK_POS: tl.constexpr,  # these key blocks need the causal / window / key-length masks
+    CHECK_POS: tl.constexpr,  # these key blocks need the causal / window / document / key-length masks
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -564,13 +502,13 @@ def _dq_inner(
         k = _load_rows(k_src, start_n, offs_n, offs_d, S, stride_kt, HEAD_DIM, BLOCK_D, CHECK_POS, USE_TMA)
         v = _load_rows(v_src, start_n, offs_n, offs_d, S, stride_vt, HEAD_DIM, BLOCK_D, CHECK_POS, USE_TMA)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
-        if CHECK_POS or HAS_DOCS:
+        if CHECK_POS:
             pos_k = start_n + offs_n
             doc_k = pos_k
             if HAS_DOCS:
                 doc_k = tl.load(doc_base + pos_k * stride_ds, mask=pos_k < S, other=0)
             ok = _visible(pos_q[:, None], pos_k[None, :], doc_q[:, None], doc_k[None, :], S, window,
-                          CHECK_POS, CAUSAL, HAS_WINDOW, HAS_DOCS)
+                          CAUSAL, HAS_WINDOW, HAS_DOCS)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
         ds = p * (dp - delta[:, None])
@@ -588,6 +526,7 @@ def _attn_bwd_dq_kernel(
     Lse,  # (B, H, T) fp32 from the forward
     Delta,  # (B, H, T) fp32 from the preprocess
     DocIds,  # (B, S) int document ids (read only when HAS_DOCS)
+    DocBounds,  # (B, 2, S) int32 document start and end of each position, from doc_bounds (HAS_DOCS only)
     DQ,  # (B, T, H, D) output: gradient of Q
     stride_qb, stride_qt, stride_qh,  # Q strides (the head dim is contiguous)
     stride_kb, stride_kt, stride_kh,  # K strides
@@ -614,15 +553,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per step
     USE_TMA: tl.constexpr,  # tensor-descriptor loads of K and V
 ):
-    blocks = tl.cdiv(T, BLOCK_M)  # one grid axis, query block major, as in the forward
-    n_bh = tl.num_programs(0) // blocks
-    start_m = tl.program_id(0) // n_bh
-    off_bh = tl.program_id(0) % n_bh
-    if CAUSAL:  # heaviest first, as in the forward
-        start_m = blocks - 1 - start_m
-    off_b = (off_bh // H).to(tl.int64)
-    off_h = (off_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
+    start_m, off_bh, off_b, off_h, off_hkv = _query_program(T, H, GROUP, BLOCK_M, CAUSAL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -647,7 +578,8 @@ def _attn_bwd_dq_kernel(
     qk_scale = sm_scale * _LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bounds = _key_bounds(start_m, T, S, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
+    bounds = key_bounds(start_m, T, S, window, DocBounds + off_b * 2 * S, BLOCK_M, BLOCK_N, CAUSAL,
+                        HAS_WINDOW, HAS_DOCS)
     for region in tl.static_range(3):  # masked, unmasked (the fully visible middle), masked
         dq = _dq_inner(dq, q, do, lse, delta, pos_q, doc_q, k_src, v_src, doc_base, stride_kt, stride_vt, stride_ds,
                        offs_n, offs_d, bounds[region], bounds[region + 1], S, window, qk_scale, HEAD_DIM, BLOCK_D,
@@ -661,91 +593,32 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, window: int | None,
-           doc_ids: torch.Tensor | None, **outputs: torch.Tensor | None) -> tuple[int, ...]:
+           doc_ids: torch.Tensor | None, softmax_scale: float = 1.0, **outputs: torch.Tensor | None
+           ) -> tuple[int, ...]:
     """Shared attention checks + what these kernels need; returns (B, T, S, H, H_kv, D)."""
     b, t, s, h, h_kv, d = attention_spec.check(q, k, v, causal, window, doc_ids)
     require(d in HEAD_DIMS, f"attention: triton backend supports head_dim in {HEAD_DIMS}, got {d}")
+    require(math.isfinite(softmax_scale) and softmax_scale > 0,
+            f"attention: triton backend needs a finite softmax_scale > 0, got {softmax_scale}")
     checks.triton_device("attention", q=q, k=k, v=v, **outputs)
     checks.same_kind("attention", "q", q, **outputs)
     return b, t, s, h, h_kv, d
 
 
-def _doc_args(doc_ids: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """DocIds pointer and strides; an empty placeholder when there are no doc ids."""
+def _doc_args(doc_ids: torch.Tensor | None, bounds: torch.Tensor | None,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """DocIds and DocBounds pointers and the doc ids' strides; empty placeholders without doc ids."""
     if doc_ids is None:
-        return torch.empty(0, dtype=torch.int64, device=device), 0, 0
-    return doc_ids, doc_ids.stride(0), doc_ids.stride(1)
-
-
-def _suits_tma(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and batch/sequence/head strides that are
-    multiples of 16 bytes (the head dim is contiguous), and a sequence stride that is not 0."""
-    return attention_configs.HAS_TMA and all(
-        x.data_ptr() % 16 == 0 and x.stride(1) > 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:3])
-        for x in tensors)
-
-
-def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors live in a per-launch global scratch buffer, which Triton
-    takes from `triton.set_allocator` ("no allocator was set" otherwise). Keep one the caller set
-    (a context variable: set per thread, e.g. autograd's), else install torch's caching allocator."""
-    allocation = getattr(triton.runtime, "_allocation", None)
-    current = getattr(allocation, "_allocator", None)
-    null = getattr(allocation, "NullAllocator", None)
-    if current is None or null is None or isinstance(current.get(), null):
-        triton.set_allocator(_torch_scratch)
-
-
-
-_PINNED: dict[str, triton.Config] = {}
-
-
-@contextlib.contextmanager
-def pinned_configs(**configs: triton.Config) -> Iterator[None]:
-    """Launch kernels `fwd`, `dq`, `dkdv` with these configs instead of the autotuner's choice (or
-    the interpreter's default): tests of every config, benchmarks of one."""
-    tuned = attention_configs.TUNED_KERNELS
-    unknown = set(configs) - set(tuned)
-    require(not unknown, f"attention: pinned_configs takes {', '.join(tuned)}, got {sorted(unknown)}")
-    saved = dict(_PINNED)
-    _PINNED.update(configs)
-    try:
-        yield
-    finally:
-        _PINNED.clear()
-        _PINNED.update(saved)
-
-
-def _launch(kind: str, kernel, grid, *args, **meta) -> None:
-    """Launch an autotuned kernel. A pinned config, or under the interpreter the smallest pointer
-    config, runs straight through the jitted function: autotuning under the interpreter would run
-    every config (Triton < 3.7 benchmarks even one)."""
-    config = _PINNED.get(kind)
-    if config is None and interpreting():
-        config = attention_configs.smallest_config(kind, "16-bit")
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config.all_kwargs())
-
-
-def _buckets(t: int, s: int) -> tuple[int, int]:
-    return triton.next_power_of_2(t), triton.next_power_of_2(s)
+        none = torch.empty(0, dtype=torch.int32, device=device)
+        return none, none, 0, 0
+    bounds = attention_blocks.doc_bounds(doc_ids) if bounds is None else bounds
+    return doc_ids, bounds, doc_ids.stride(0), doc_ids.stride(1)
 
 
 def _mask_meta(q: torch.Tensor, causal: bool, window: int | None, doc_ids: torch.Tensor | None) -> dict:
     d = q.shape[-1]
     return dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal, HAS_WINDOW=window is not None,
                 HAS_DOCS=doc_ids is not None, INPUT_PRECISION=checks.input_precision(q.dtype))
-
-
-def _check_scale(softmax_scale: float) -> None:
-    require(math.isfinite(softmax_scale) and softmax_scale > 0,
-            f"attention: triton backend needs a finite softmax_scale > 0, got {softmax_scale}")
 
 
 def _rows3(x: torch.Tensor) -> tuple[int, int, int]:
@@ -755,23 +628,22 @@ def _rows3(x: torch.Tensor) -> tuple[int, int, int]:
 
 def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                    window: int | None, doc_ids: torch.Tensor | None, out: torch.Tensor | None = None,
-                   lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward launch. Returns (out (B, T, H, D), lse (B, H, T) fp32 base-2 log-sum-exp). `out` and
-    `lse` may be preallocated (any strides for `out` with a unit last stride; `lse` contiguous)."""
-    b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, out=out)
-    _check_scale(softmax_scale)
+    `lse` may be preallocated (any strides for `out` with a unit last stride; `lse` contiguous);
+    `bounds` is doc_bounds(doc_ids), computed here when not given."""
+    b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, softmax_scale, out=out)
     require(out is None or out.shape == q.shape, f"attention: out must have q's shape {tuple(q.shape)}")
     require(lse is None or (lse.shape == (b, h, t) and lse.dtype == torch.float32 and lse.is_contiguous()),
             f"attention: lse must be a contiguous fp32 ({b}, {h}, {t}) tensor")
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty((b, h, t), dtype=torch.float32, device=q.device) if lse is None else lse
-    docs, stride_db, stride_ds = _doc_args(doc_ids, q.device)
-    tma_ok = _suits_tma(q, k, v, out)
-    if tma_ok and q.is_cuda:
-        _ensure_allocator()
-    _launch("fwd", _attn_fwd_kernel, lambda meta: (b * h * triton.cdiv(t, meta["BLOCK_M"]),),
-            q, k, v, out, lse, docs, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(out), stride_db, stride_ds,
-            h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s), int(tma_ok),
+    docs, bounds, stride_db, stride_ds = _doc_args(doc_ids, bounds, q.device)
+    tma_ok = attention_configs.tma_ready(q, k, v, out)
+    attention_configs.launch("fwd", _attn_fwd_kernel, lambda meta: (b * h * triton.cdiv(t, meta["BLOCK_M"]),),
+            q, k, v, out, lse, docs, bounds, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(out), stride_db, stride_ds,
+            h, h // h_kv, t, s, window or 0, softmax_scale, *attention_configs.buckets(t, s), int(tma_ok),
             **_mask_meta(q, causal, window, doc_ids))
     return out, lse
 
@@ -779,14 +651,14 @@ def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, causal: bool, softmax_scale: float, window: int | None,
                    doc_ids: torch.Tensor | None, dq: torch.Tensor | None = None,
-                   dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                   dk: torch.Tensor | None = None, dv: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launch: delta = rowsum(dO * O), then the dK/dV and dQ passes. Returns (dq, dk, dv);
     each may be preallocated with its input's shape and a unit last stride."""
     if dout.stride(-1) != 1:  # e.g. the expanded gradient of a sum
         dout = dout.contiguous()
-    b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
-    _check_scale(softmax_scale)
+    b, t, s, h, h_kv, d = _check(q, k, v, causal, window, doc_ids, softmax_scale, dout=dout, out=out, dq=dq, dk=dk,
+                                 dv=dv)
     for name, given, like in (("dout", dout, q), ("out", out, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if given is not None:
             require(given.shape == like.shape,
@@ -797,21 +669,19 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dk = torch.empty_like(k, memory_format=torch.contiguous_format) if dk is None else dk
     dv = torch.empty_like(v, memory_format=torch.contiguous_format) if dv is None else dv
     meta = _mask_meta(q, causal, window, doc_ids)
-    docs, stride_db, stride_ds = _doc_args(doc_ids, q.device)
+    docs, bounds, stride_db, stride_ds = _doc_args(doc_ids, bounds, q.device)
 
     delta = torch.empty_like(lse)
     rows = attention_configs.preprocess_rows(meta["BLOCK_D"])
     _attn_bwd_preprocess_kernel[(b * h * triton.cdiv(t, rows),)](
         out, dout, delta, *_rows3(out), *_rows3(dout), h, t, HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows)
-    shared = (h, h // h_kv, t, s, window or 0, softmax_scale, *_buckets(t, s))
-    _launch("dkdv", _attn_bwd_dkdv_kernel, lambda m: (b * h_kv * triton.cdiv(s, m["BLOCK_N"]),),
-            q, k, v, dout, lse, delta, docs, dk, dv, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(dout),
+    shared = (h, h // h_kv, t, s, window or 0, softmax_scale, *attention_configs.buckets(t, s))
+    attention_configs.launch("dkdv", _attn_bwd_dkdv_kernel, lambda m: (b * h_kv * triton.cdiv(s, m["BLOCK_N"]),),
+            q, k, v, dout, lse, delta, docs, bounds, dk, dv, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(dout),
             *_rows3(dk), *_rows3(dv), stride_db, stride_ds, *shared, **meta)
-    tma_ok = _suits_tma(k, v)
-    if tma_ok and q.is_cuda:
-        _ensure_allocator()
-    _launch("dq", _attn_bwd_dq_kernel, lambda m: (b * h * triton.cdiv(t, m["BLOCK_M"]),),
-            q, k, v, dout, lse, delta, docs, dq, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(dout),
+    tma_ok = attention_configs.tma_ready(k, v)
+    attention_configs.launch("dq", _attn_bwd_dq_kernel, lambda m: (b * h * triton.cdiv(t, m["BLOCK_M"]),),
+            q, k, v, dout, lse, delta, docs, bounds, dq, *_rows3(q), *_rows3(k), *_rows3(v), *_rows3(dout),
             *_rows3(dq), stride_db, stride_ds, *shared, int(tma_ok), **meta)
     return dq, dk, dv
 
@@ -822,39 +692,41 @@ def flash_attn_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @torch.library.custom_op("tritongpt::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
-                       causal: bool, softmax_scale: float, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return flash_attn_fwd(q, k, v, causal, softmax_scale, window, doc_ids)
+                       bounds: torch.Tensor | None, causal: bool, softmax_scale: float,
+                       window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attn_fwd(q, k, v, causal, softmax_scale, window, doc_ids, bounds=bounds)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, doc_ids, causal, softmax_scale, window):
+def _(q, k, v, doc_ids, bounds, causal, softmax_scale, window):
     b, t, h, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("tritongpt::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, doc_ids: torch.Tensor | None, causal: bool, softmax_scale: float,
-                       window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, window, doc_ids)
+                       lse: torch.Tensor, doc_ids: torch.Tensor | None, bounds: torch.Tensor | None, causal: bool,
+                       softmax_scale: float, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attn_bwd(dout, q, k, v, out, lse, causal, softmax_scale, window, doc_ids, bounds=bounds)
 
 
 @_flash_attn_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, doc_ids, causal, softmax_scale, window):
+def _(dout, q, k, v, out, lse, doc_ids, bounds, causal, softmax_scale, window):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, causal, softmax_scale, window = inputs
+    q, k, v, doc_ids, bounds, causal, softmax_scale, window = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+    ctx.save_for_backward(q, k, v, out, lse, doc_ids, bounds)
     ctx.causal, ctx.softmax_scale, ctx.window = causal, softmax_scale, window
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, doc_ids = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, doc_ids, ctx.causal, ctx.softmax_scale, ctx.window)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, doc_ids, bounds = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, doc_ids, bounds, ctx.causal, ctx.softmax_scale,
+                                    ctx.window)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -872,7 +744,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     `attention_spec.reference` (causal aligns bottom-right; window; doc_ids (B, S))."""
     d = _check(q, k, v, causal, window, doc_ids)[-1]
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, _ = _flash_attn_fwd_op(q, k, v, doc_ids, causal, scale, window)
+    bounds = None if doc_ids is None else attention_blocks.doc_bounds(doc_ids)  # once for forward and backward
+    out, _ = _flash_attn_fwd_op(q, k, v, doc_ids, bounds, causal, scale, window)
     return out
 
 

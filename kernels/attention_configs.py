@@ -28,15 +28,19 @@ compile report (`--filter attn`) then compiles every config the pruner keeps for
 architecture, and `--emit-table` every candidate of every key.
 """
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
+from tritongpt.errors import require
 from tritongpt.kernels import compile_report
+from tritongpt.kernels.registry import interpreting
 
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # what the kernels support and the table covers
 HAS_TMA = hasattr(tl, "make_tensor_descriptor")  # device-side tensor descriptors (Triton >= 3.4)
@@ -194,7 +198,8 @@ def _example_args(kernel, dtype: torch.dtype, head_dim: int, group: int, docs: b
     rows = {"q": packed, "k": packed, "v": packed, "o": h * head_dim, "do": h * head_dim, "dq": h * head_dim,
             "dk": h_kv * head_dim, "dv": h_kv * head_dim}  # elements between sequence positions
     values = dict(H=h, GROUP=group, T=t, S=t, window=256, sm_scale=0.125, t_bucket=t, s_bucket=t, tma_ok=1,
-                  Lse="*fp32", Delta="*fp32", DocIds="*i64", stride_db=t if docs else 0, stride_ds=int(docs))
+                  Lse="*fp32", Delta="*fp32", DocIds="*i64", DocBounds="*i32", stride_db=t if docs else 0,
+                  stride_ds=int(docs))
     values |= dict.fromkeys(_POINTERS, compile_report.pointer_type(dtype))
     for tensor, row in rows.items():
         values |= {f"stride_{tensor}b": t * row, f"stride_{tensor}t": row, f"stride_{tensor}h": head_dim}
@@ -277,3 +282,76 @@ def register_compile_variants(fwd, dq, dkdv, preprocess) -> None:
     tuned = {"fwd": fwd, "dq": dq, "dkdv": dkdv}
     compile_report.register_variants(functools.partial(_report_variants, tuned, preprocess))
     compile_report.register_table(TABLE_PATH, functools.partial(_table_variants, tuned))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launching: which config a launch runs (the autotuner's, a pinned one, the interpreter's default)
+# ----------------------------------------------------------------------------------------------
+
+def suits_tma(*tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and batch/sequence/head strides that are
+    multiples of 16 bytes (the head dim is contiguous), and a sequence stride that is not 0."""
+    return HAS_TMA and all(
+        x.data_ptr() % 16 == 0 and x.stride(1) > 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:3])
+        for x in tensors)
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """`suits_tma`, with Triton's scratch allocator ensured where the descriptors will be built
+    (CUDA tensors)."""
+    ok = suits_tma(*tensors)
+    if ok and tensors[0].is_cuda:
+        ensure_allocator()
+    return ok
+
+
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator() -> None:
+    """Device-side tensor descriptors live in a per-launch global scratch buffer, which Triton
+    takes from `triton.set_allocator` ("no allocator was set" otherwise). Keep one the caller set
+    (a context variable: set per thread, e.g. autograd's), else install torch's caching allocator."""
+    allocation = getattr(triton.runtime, "_allocation", None)
+    current = getattr(allocation, "_allocator", None)
+    null = getattr(allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
+        triton.set_allocator(_torch_scratch)
+
+
+_PINNED: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def pinned_configs(**configs: triton.Config) -> Iterator[None]:
+    """Launch kernels `fwd`, `dq`, `dkdv` with these configs instead of the autotuner's choice (or
+    the interpreter's default): tests of every config, benchmarks of one."""
+    tuned = TUNED_KERNELS
+    unknown = set(configs) - set(tuned)
+    require(not unknown, f"attention: pinned_configs takes {', '.join(tuned)}, got {sorted(unknown)}")
+    saved = dict(_PINNED)
+    _PINNED.update(configs)
+    try:
+        yield
+    finally:
+        _PINNED.clear()
+        _PINNED.update(saved)
+
+
+def launch(kind: str, kernel, grid, *args, **meta) -> None:
+    """Launch an autotuned kernel. A pinned config, or under the interpreter the smallest pointer
+    config, runs straight through the jitted function: autotuning under the interpreter would run
+    every config (Triton < 3.7 benchmarks even one)."""
+    config = _PINNED.get(kind)
+    if config is None and interpreting():
+        config = smallest_config(kind, "16-bit")
+    if config is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **config.all_kwargs())
+
+
+def buckets(t: int, s: int) -> tuple[int, int]:
+    """The autotune keys t_bucket and s_bucket: T and S rounded up to powers of two."""
+    return triton.next_power_of_2(t), triton.next_power_of_2(s)

@@ -97,42 +97,104 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 # The spec: benchmark sweep, inputs, work
 
 
+# Packed-document cases: documents back to back with lengths drawn from a lognormal of this median
+# (tokens) and sigma, the last one cut at T. Shaped like FineWeb's GPT-2-token lengths (most
+# documents under 1k tokens, a long tail of long ones): an assumption for benchmarking, not a fit.
+DOC_MEDIAN, DOC_SIGMA = 400, 1.0
+PACKED_SEQS = (1024, 2048, 8192)  # GPT-2's and longer contexts
+
+
+def packed_doc_ids(batch: int, seq_len: int, median: int, seed: int) -> torch.Tensor:
+    """(batch, seq_len) int64 doc ids of packed documents (non-decreasing: 0, 0, ..., 1, 1, ...),
+    each row its own draw of lengths; the same for the same arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths = []
+        while sum(lengths) < seq_len:
+            draw = torch.empty(1).log_normal_(math.log(median), DOC_SIGMA, generator=gen)
+            lengths.append(max(1, round(draw.item())))
+        rows.append(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:seq_len])
+    return torch.stack(rows)
+
+
+def _doc_ids_of(case: Case) -> torch.Tensor | None:
+    """The doc ids of a packed-document case (None for the others): fixed per case, so `work`
+    counts the pairs the inputs have."""
+    median = dict(case.options).get("docs")
+    return None if median is None else packed_doc_ids(case["B"], case["T"], median, seed=case["T"])
+
+
 def cases(quick: bool) -> list[Case]:
-    """B*T tokens fixed, H*D fixed, T swept, D in two sizes, causal and not."""
+    """B*T tokens fixed, H*D fixed, T swept, D in two sizes, causal and not; and packed documents
+    (causal, documents of median length DOC_MEDIAN) at GPT-2's heads, H=12 and D=64."""
     tokens, width = (64, 32) if quick else (16384, 2048)
     seqs = (16, 64) if quick else (512, 1024, 2048, 4096, 8192, 16384)
     head_dims = (16, 32) if quick else (64, 128)
-    return [Case("attention", (("B", tokens // t), ("T", t), ("H", width // d), ("D", d)), t,
-                 f"D={d} {'causal' if causal else 'full'}", (("causal", causal),))
-            for d in head_dims for causal in (True, False) for t in seqs]
+    swept = [Case("attention", (("B", tokens // t), ("T", t), ("H", width // d), ("D", d)), t,
+                  f"D={d} {'causal' if causal else 'full'}", (("causal", causal),))
+             for d in head_dims for causal in (True, False) for t in seqs]
+    heads, d, median = (2, 16, 12) if quick else (12, 64, DOC_MEDIAN)
+    packed = [Case("attention", (("B", max(1, tokens // t)), ("T", t), ("H", heads), ("D", d)), t,
+                   f"D={d} causal packed docs", (("causal", True), ("docs", median)))
+              for t in ((64,) if quick else PACKED_SEQS)]
+    return swept + packed
 
 
 LONG_SEQ = 16384  # the long-sequence case `verify` adds to a model's own shape
 
 
 def model_cases(shape: ModelShape) -> list[Case]:
-    """The model's causal self-attention, and one long sequence (the same tokens per step when
-    that allows a whole sequence) with its heads."""
-    def case(b: int, t: int) -> Case:
+    """The model's causal self-attention, the same with packed documents (training with
+    --doc-mask), and one long sequence (the same tokens per step when that allows a whole
+    sequence) with its heads."""
+    def case(b: int, t: int, docs: int | None = None) -> Case:
         dims = (("B", b), ("T", t), ("H", shape.n_head), ("Hkv", shape.n_kv_head), ("D", shape.head_dim))
-        return Case("attention", dims, t, f"D={shape.head_dim} causal", (("causal", True),))
+        options = (("causal", True),) + ((("docs", docs),) if docs else ())
+        return Case("attention", dims, t, f"D={shape.head_dim} causal" + (" packed docs" if docs else ""), options)
     long_t = max(LONG_SEQ, shape.seq_len)
-    return [case(shape.batch, shape.seq_len), case(max(1, shape.batch * shape.seq_len // long_t), long_t)]
+    return [case(shape.batch, shape.seq_len), case(shape.batch, shape.seq_len, min(DOC_MEDIAN, shape.seq_len // 4)),
+            case(max(1, shape.batch * shape.seq_len // long_t), long_t)]
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
-    """q (B, T, H, D); k and v with Hkv heads (H when the case has no Hkv)."""
+    """q (B, T, H, D); k and v with Hkv heads (H when the case has no Hkv); doc ids for packed cases."""
     b, t, h, d = case["B"], case["T"], case["H"], case["D"]
     h_kv = dict(case.dims).get("Hkv", h)
     q, k, v, dout = (torch.randn(shape, generator=gen, device=device).to(dtype)
                      for shape in ((b, t, h, d), (b, t, h_kv, d), (b, t, h_kv, d), (b, t, h, d)))
-    return Inputs((q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), {"causal": case["causal"]}, dout)
+    kwargs = {"causal": case["causal"]}
+    docs = _doc_ids_of(case)
+    if docs is not None:
+        kwargs["doc_ids"] = docs.to(device)
+    return Inputs((q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), kwargs, dout)
 
 
 def work(case: Case, mode: str, dtype: torch.dtype) -> tuple[str, float]:
-    """4*B*H*T*S*D FLOPs forward (two matmuls), halved when causal; backward 2.5x forward."""
-    fwd = 4 * case["B"] * case["H"] * case["T"] * case["T"] * case["D"] * (0.5 if case["causal"] else 1.0)
+    """4*H*D FLOPs forward (two matmuls) per visible (query, key) pair, counted as B*T*S (halved
+    when causal), or per packed document L^2 / 2; backward 2.5x forward."""
+    docs = _doc_ids_of(case)
+    if docs is None:
+        pairs = case["B"] * case["T"] * case["T"] * (0.5 if case["causal"] else 1.0)
+    else:
+        pairs = 0.5 * sum(float((torch.unique_consecutive(row, return_counts=True)[1].double() ** 2).sum())
+                          for row in docs)
+    fwd = 4 * case["H"] * case["D"] * pairs
     return "tflops", fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+TILE = 128  # the tile `tiles` counts in: FlashAttention's forward tile (BLOCK_M = BLOCK_N = 128)
+
+
+def tiles(case: Case) -> int:
+    """TILE x TILE (query block, key block) tiles the Triton forward visits over the whole call
+    (every batch row and head): what packed documents save, beside time in benchmark rows."""
+    from tritongpt.kernels import attention_blocks  # lazy: imports triton; the spec loads without it
+
+    docs = _doc_ids_of(case)
+    rows = 1 if docs is None else case["B"]  # without doc ids every row visits the same tiles
+    per_head = attention_blocks.visited_blocks("fwd", case["T"], case["T"], case["causal"], None, docs, TILE, TILE)
+    return per_head * case["H"] * case["B"] // rows
 
 
 ORACLE_CHUNK_BYTES = 2 << 30  # the reference runs a few heads at a time, keeping its scores under this
@@ -160,5 +222,5 @@ def chunked_oracle(inputs: Inputs, dtype: torch.dtype) -> tuple[torch.Tensor, li
 
 
 SPEC = OpSpec("attention", reference, cases, make_inputs, work, size_label="T", model_cases=model_cases,
-              chunked_oracle=chunked_oracle)
+              chunked_oracle=chunked_oracle, tiles=tiles)
 registry.register_op(SPEC)

@@ -1,6 +1,7 @@
 """`tritongpt kernels`: inspect the registered kernels.
 
-    tritongpt kernels list                    # ops and their backends
+    tritongpt kernels list                    # ops and their backends, and which run here
+    tritongpt kernels list --markdown         # the same for any machine: README's backend table
     tritongpt kernels compile --arch sm_90    # AOT-compile every kernel/config, no GPU needed
     tritongpt kernels compile --arch sm_80 --filter attn
     tritongpt kernels compile --arch sm_90 --filter attn --emit-table   # regenerate a config table
@@ -14,9 +15,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="kernels_command", required=True, metavar="{list,compile}")
-    sub.add_parser("list", help="ops and their registered backends",
-                   description="Ops, the flag and environment variable that pick each one's backend, and its "
-                               "registered backends ('not here': needs a GPU this machine lacks).")
+    listing = sub.add_parser("list", help="ops and their registered backends",
+                             description="Ops, the flag and environment variable that pick each one's backend, "
+                                         "and its registered backends (with why one cannot run here).")
+    listing.add_argument("--markdown", action="store_true",
+                         help="a Markdown table of where each backend runs, the same on every machine")
     comp = sub.add_parser("compile", help="compile every kernel config for an arch and report regs/smem/spills",
                           description="Compile every registered Triton kernel and autotune config for a GPU "
                                       "architecture without a GPU; exit 1 if any fails, spills, or exceeds shared "
@@ -32,12 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tritongpt.kernels import registry  # lazy: keeps `tritongpt --help` torch-free
     if args.kernels_command == "list":
-        rows = [(op, "--" + op.replace("_", "-"), registry.env_var(op),
-                 ", ".join(f"{n}{'' if registry.usable(op, n) else ' (not here)'}" for n in registry.backends(op)))
-                for op in registry.ops()]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+        print(_markdown(registry) if args.markdown else _listing(registry))
         return 0
     from tritongpt.kernels import compile_report  # lazy: keeps `tritongpt --help` torch-free
     if args.emit_table:
@@ -45,6 +43,32 @@ def run(args: argparse.Namespace) -> int:
     rows = compile_report.report(args.arch, args.filter)
     print(compile_report.format_table(rows, args.arch))
     return 0 if rows and all(r.ok for r in rows) else 1
+
+
+def _listing(registry) -> str:
+    """One line per op: its flag, its environment variable, its backends (why not, where one
+    cannot run here; forward only where it runs without gradients)."""
+    def backend(op: str, name: str) -> str:
+        reason = registry.unusable_reason(op, name, backward=False)
+        if reason is None and not registry.usable(op, name):
+            reason = "forward only here"
+        return name if reason is None else f"{name} ({reason})"
+
+    rows = [(op, "--" + op.replace("_", "-"), registry.env_var(op),
+             ", ".join(backend(op, n) for n in registry.backends(op))) for op in registry.ops()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] for row in rows)
+
+
+def _markdown(registry) -> str:
+    """README's backend table: per op its flag and variable, per backend where it runs."""
+    lines = ["| op | flag, environment variable | backend: where it runs |", "|---|---|---|"]
+    for op in registry.ops():
+        names = "<br>".join(f"`{n}`: {registry.where(op, n)}" for n in registry.backends(op))
+        lines.append(f"| `{op}` | `--{op.replace('_', '-')}`, `{registry.env_var(op)}` | {names} |")
+    lines.append(f"| every op | `--backend`, `{registry.env_var(registry.EVERY_OP)}` | a backend name for "
+                 f"each op not chosen on its own; `auto` (the default): `triton` where it runs, else `torch` |")
+    return "\n".join(lines)
 
 
 def _emit_table(arch: str, name_filter: str) -> int:

@@ -18,7 +18,9 @@ Layout of this file (Liger-Kernel ladder):
   3. torch.library custom ops `tritongpt::layer_norm_fwd` / `tritongpt::layer_norm_bwd` with fake
      implementations and autograd, so torch.compile(fullgraph=True) traces through them.
   4. the public functional `layer_norm`, registered as the `triton` backend of op `layer_norm`.
-Tile configs (`row_config`, MAX_BLOCK_N, the reduction's) and the compile report's variants:
+Tile configs (`row_config`, `bwd_grid`, the reduction's) are the row-normalization table shared with
+RMSNorm (kernels/norm_configs.py), which also reuses `load_s_chunk`, the partial-sum reduction
+(`reduce_partials`) and the launchers' helpers here; the compile report's variants:
 kernels/layer_norm_configs.py.
 """
 
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from tritongpt.errors import require
-from tritongpt.kernels import checks, layer_norm_configs, layer_norm_spec, registry
+from tritongpt.kernels import checks, layer_norm_configs, layer_norm_spec, norm_configs, registry
 
 # ----------------------------------------------------------------------------------------------
 # 1. Triton kernels
@@ -66,7 +68,7 @@ def _layer_norm_fwd_kernel(
     if ONE_PASS:
         cols = tl.arange(0, BLOCK_N)
         mask = row_mask[:, None] & (cols < N)[None, :]
-        s = _load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+        s = load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
         mean = tl.sum(s, axis=1) / N
         centered = tl.where(mask, s - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
@@ -79,7 +81,7 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            s = _load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
+            s = load_s_chunk(X, R, S, x_off, r_off, out_off, cols, mask, HAS_RESIDUAL)
             seen = tl.cast(start, tl.float32)  # elements already folded into (mean, m2)
             count = tl.cast(tl.minimum(N - start, BLOCK_N), tl.float32)
             chunk_mean = tl.sum(s, axis=1) / count
@@ -104,7 +106,7 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _load_s_chunk(
+def load_s_chunk(
     X,  # input rows
     R,  # residual rows (read only if HAS_RESIDUAL)
     S,  # output s rows (written only if HAS_RESIDUAL)
@@ -391,11 +393,8 @@ def _layer_norm_bwd_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 # 2. Launchers: validate, allocate, pick the config, launch. No autograd.
 
-BWD_PROGRAMS_PER_SM = 2  # backward programs per SM (fixed per device: fixed summation order)
-INTERPRETER_BWD_PROGRAMS = 4  # few: the interpreter runs programs one by one; several tiles each
 
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t as (M, n) rows, M = all leading dims. A view whenever the leading dims flatten without a
     copy (contiguous, or rows spaced by a stride such as a column slice x[..., :n]); otherwise
     (e.g. transposed leading dims) `reshape` copies. The last dim already has unit stride."""
@@ -409,11 +408,12 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     return n
 
 
-def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
-               dtype: torch.dtype) -> None:
+def check_out(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor,
+              dtype: torch.dtype) -> None:
+    """A preallocated output `name` of `op` is contiguous with the expected shape, dtype and device."""
     require(tuple(t.shape) == tuple(shape) and t.dtype == dtype and t.device == like.device
             and t.is_contiguous(),
-            f"layer_norm: out {name} must be a contiguous {tuple(shape)} {dtype} tensor on "
+            f"{op}: out {name} must be a contiguous {tuple(shape)} {dtype} tensor on "
             f"{like.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
@@ -426,7 +426,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     supplies those four tensors preallocated (tests poison them)."""
     n = _check_inputs(x, weight, bias, residual)
     require(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
-    x2 = _rows(x, n)
+    x2 = as_rows(x, n)
     m = x2.shape[0]
     if out is None:
         y = x.new_empty(x.shape)
@@ -439,11 +439,11 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
                                       ("s", s, x.shape if residual is not None else (0,), x.dtype),
                                       ("mean", mean, (m,), torch.float32),
                                       ("rstd", rstd, (m,), torch.float32)):
-            _check_out(name, t, shape, x, dtype)
+            check_out("layer_norm", name, t, shape, x, dtype)
     if m == 0:
         return y, s, mean, rstd
-    r2 = _rows(residual, n) if residual is not None else None
-    cfg = layer_norm_configs.row_config(n)
+    r2 = as_rows(residual, n) if residual is not None else None
+    cfg = norm_configs.row_config(n)
     _layer_norm_fwd_kernel[(triton.cdiv(m, cfg.rows),)](
         x2, r2, weight, bias, y, s if residual is not None else None, mean, rstd,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, m, n, eps,
@@ -452,11 +452,15 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     return y, s, mean, rstd
 
 
-def _bwd_programs(tiles: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(tiles, BWD_PROGRAMS_PER_SM * sms)
-    return min(tiles, INTERPRETER_BWD_PROGRAMS)
+def reduce_partials(dw_partial: torch.Tensor | None, db_partial: torch.Tensor | None,
+                    dw: torch.Tensor | None, db: torch.Tensor | None) -> None:
+    """dw = the column sums of dw_partial, db = those of db_partial (fp32 (programs, N) partial rows
+    of a backward; None: not reduced), added in a fixed order and stored in dw's / db's dtype."""
+    partial = dw_partial if dw_partial is not None else db_partial
+    programs, n = partial.shape
+    _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, norm_configs.REDUCE_BLOCK_N),)](
+        dw_partial, db_partial, dw, db, programs, n, HAS_DW=dw_partial is not None, HAS_DB=db_partial is not None,
+        BLOCK_P=norm_configs.REDUCE_BLOCK_P, BLOCK_N=norm_configs.REDUCE_BLOCK_N, num_warps=norm_configs.REDUCE_WARPS)
 
 
 def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
@@ -474,7 +478,7 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         require(t is None or t.shape == s.shape,
                 f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} "
                 f"!= input shape {tuple(s.shape)}")
-    s2, dy2 = _rows(s, n), _rows(dy, n)
+    s2, dy2 = as_rows(s, n), as_rows(dy, n)
     m = s2.shape[0]
     for name, t in (("mean", mean), ("rstd", rstd)):
         require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
@@ -490,18 +494,15 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         dx, dw, db = out
         for name, t, shape, dtype in (("dx", dx, s.shape, s.dtype), ("dweight", dw, dw_shape, param_dtype),
                                       ("dbias", db, db_shape, param_dtype)):
-            _check_out(name, t, shape, s, dtype)
+            check_out("layer_norm", name, t, shape, s, dtype)
     has_dw = weight is not None
     if m == 0:
         dw.zero_()
         db.zero_()
         return dx, dw, db
-    ds2 = _rows(ds, n) if ds is not None else None
-    cfg = layer_norm_configs.row_config(n)
-    # whole tiles per program (a partial tile only at the end of M), programs a fixed number per SM
-    programs = _bwd_programs(triton.cdiv(m, cfg.rows), s.device)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), cfg.rows) * cfg.rows
-    programs = triton.cdiv(m, rows_per_program)
+    ds2 = as_rows(ds, n) if ds is not None else None
+    cfg = norm_configs.row_config(n)
+    programs, rows_per_program = norm_configs.bwd_grid(m, cfg, s.device)
     dw_partial = s.new_empty((programs, n), dtype=torch.float32) if has_dw else None
     db_partial = s.new_empty((programs, n), dtype=torch.float32) if has_bias else None
     row_sums = None if cfg.one_pass else s.new_empty((2, m), dtype=torch.float32)
@@ -511,11 +512,7 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
         HAS_DS=ds is not None, HAS_WEIGHT=has_dw, HAS_DB=has_bias,
         BLOCK_N=cfg.block_n, ROWS=cfg.rows, ONE_PASS=cfg.one_pass, num_warps=cfg.num_warps)
     if has_dw or has_bias:
-        block_n = layer_norm_configs.REDUCE_BLOCK_N
-        _layer_norm_bwd_reduce_kernel[(triton.cdiv(n, block_n),)](
-            dw_partial, db_partial, dw if has_dw else None, db if has_bias else None, programs, n,
-            HAS_DW=has_dw, HAS_DB=has_bias, BLOCK_P=layer_norm_configs.REDUCE_BLOCK_P, BLOCK_N=block_n,
-            num_warps=layer_norm_configs.REDUCE_WARPS)
+        reduce_partials(dw_partial, db_partial, dw if has_dw else None, db if has_bias else None)
     return dx, dw, db
 
 
@@ -553,7 +550,7 @@ def _(dy, ds, s, weight, mean, rstd, has_bias):
             s.new_empty((n,) if has_bias else (0,), dtype=param_dtype))
 
 
-def _unit_stride(grad: torch.Tensor) -> torch.Tensor:
+def unit_stride(grad: torch.Tensor) -> torch.Tensor:
     """grad, copied to unit last-dim stride when it has none (e.g. the expanded grad of a .sum())."""
     return grad if grad.stride(-1) == 1 else grad.clone(memory_format=torch.contiguous_format)
 
@@ -570,8 +567,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    dy = _unit_stride(dy)
-    ds = _unit_stride(ds) if ctx.has_residual else None
+    dy = unit_stride(dy)
+    ds = unit_stride(ds) if ctx.has_residual else None
     dx, dw, db = torch.ops.tritongpt.layer_norm_bwd(dy, ds, s, weight, mean, rstd, ctx.has_bias)
     return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None,
             dx if ctx.has_residual else None, None)

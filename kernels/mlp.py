@@ -13,9 +13,10 @@ The fused GEMM has two implementations with the same epilogues (`choose_path` pi
              sub-tiles - the design of Triton's persistent-matmul tutorial (09).
   "pointer"  `_mlp_matmul_kernel`: one program per tile, pointer loads; sm_80, operands TMA cannot
              address (odd widths, stride-0 grads), and a Triton without host tensor descriptors.
-Weights stay in nn.Linear layout (out, in); neither path copies them. `recompute=True` keeps neither h
-nor a for backward, which recomputes both with the forward's fused kernel (saves 2 * M * Hid
-activations per block). Choosing between this backend and others by measurement is the `auto`
+The SwiGLU MLP (kernels/swiglu_mlp.py) shares `choose_path`, `tile_coords`, `column_quarters`,
+`persistent_programs` and `linear`. Weights stay in nn.Linear layout (out, in); neither path copies them.
+`recompute=True` keeps neither h nor a for backward, which recomputes both with the forward's fused
+kernel (saves 2 * M * Hid activations per block). Choosing between this backend and others by measurement is the `auto`
 backend's job; `torch._addmm_activation(..., use_gelu=True)` (cuBLASLt's GELU epilogue) is not used:
 it has not been measured against this kernel. Autotune configs and the compile report's variants:
 kernels/mlp_configs.py.
@@ -70,7 +71,7 @@ def _gelu_grad(h, APPROXIMATE: tl.constexpr):
 
 
 @triton.jit
-def _tile_coords(
+def tile_coords(
     tile,  # linear tile index
     num_pid_m,  # row tiles
     num_pid_n,  # column tiles
@@ -84,6 +85,18 @@ def _tile_coords(
     pid_m = first_pid_m + (tile % tiles_per_group) % group_rows
     pid_n = (tile % tiles_per_group) // group_rows
     return pid_m, pid_n
+
+
+@triton.jit
+def column_quarters(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The four column quarters of the (BLOCK_M, BLOCK_N) tile acc, left to right, each (BLOCK_M,
+    BLOCK_N // 4): acc[:, j * BLOCK_N // 4 + c] as [m, j // 2, j % 2, c] -> [m, c, j // 2, j % 2];
+    each split peels the last dim."""
+    quarters = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
+    even, odd = tl.split(quarters)  # j % 2 == 0, 1
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    return q0, q1, q2, q3
 
 
 @triton.jit
@@ -136,7 +149,7 @@ def _mlp_matmul_kernel(
     GROUP_M: tl.constexpr,  # M tiles walked together so their B columns stay in L2
     SUM_ROWS: tl.constexpr,  # rows of dH per row of col_sum_ptr
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -241,7 +254,7 @@ def _mlp_tma_kernel(
     # software-pipelined loop no value then links one tile's loads to the previous tile's epilogue.
     tile_c = start - NUM_SMS
     for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
-        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_am = pid_m * BLOCK_M
         off_bn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -255,16 +268,12 @@ def _mlp_tma_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
         tile_c += NUM_SMS
-        pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
         off_cm = pid_m * BLOCK_M
         off_cn = pid_n * BLOCK_N
         # Epilogue in four column quarters, each a TMA block: fewer registers live in the GELU math at a
-        # time and a quarter-tile of shared-memory staging for the TMA stores. acc[:, j * BLOCK_N // 4 + c]
-        # as [m, j // 2, j % 2, c] -> [m, c, j // 2, j % 2]; each split peels the last dim.
-        quarters = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
-        even, odd = tl.split(quarters)  # j % 2 == 0, 1
-        q0, q2 = tl.split(even)
-        q1, q3 = tl.split(odd)
+        # time and a quarter-tile of shared-memory staging for the TMA stores.
+        q0, q1, q2, q3 = column_quarters(acc, BLOCK_M, BLOCK_N)
         _tma_epilogue(q0, pid_m, off_cm, off_cn, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
                       HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
         _tma_epilogue(q1, pid_m, off_cm, off_cn + BLOCK_N // 4, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
@@ -300,7 +309,7 @@ def choose_path(*tensors: torch.Tensor) -> str:
     return "tma" if TensorDescriptor is not None and hopper and all(map(_tma_addressable, tensors)) else "pointer"
 
 
-def _programs(device: torch.device) -> int:
+def persistent_programs(device: torch.device) -> int:
     """Persistent programs of the TMA kernel: one per SM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -330,7 +339,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, w_nk: bool, c: torch.Tensor, aux: 
     common = dict(HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
                   INPUT_PRECISION=checks.input_precision(a.dtype), SUM_ROWS=mlp_configs.sum_rows(path))
     if path == "tma":
-        programs = _programs(a.device)
+        programs = persistent_programs(a.device)
 
         def desc(t):  # block shapes come from the chosen config (the autotune pre-hook)
             return None if t is None else TensorDescriptor.from_tensor(t, [1, 1])
@@ -385,7 +394,7 @@ def gelu_grad_matmul(dy: torch.Tensor, w2: torch.Tensor, h: torch.Tensor,
     return dh, col_sums.sum(0).to(dy.dtype)
 
 
-def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+def linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
     """a @ w^T + bias (+ residual) on cuBLAS: a GEMM with nothing worth fusing (the bias rides in
     cuBLASLt's epilogue; the residual is one add)."""
     y = torch.addmm(bias, a, w.t()) if bias is not None else a @ w.t()
@@ -398,7 +407,7 @@ def mlp_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: 
     """x (M, C) -> (y (M, C), h (M, Hid) or None unless save_h, a = gelu(h) (M, Hid))."""
     mlp_spec.check(x, w1, b1, w2, b2, approximate, residual)
     a, h = fc_gelu(x, w1, b1, approximate, save_h)
-    return _linear(a, w2, b2, residual), h, a
+    return linear(a, w2, b2, residual), h, a
 
 
 def mlp_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,

@@ -40,13 +40,14 @@ def _set_block_shapes(nargs: dict) -> None:
             nargs[name].block_shape = [bm, bn // 4]
 
 
-def _configs(tiles, pre_hook=None) -> list[triton.Config]:
+def tile_configs(tiles, pre_hook=None) -> list[triton.Config]:
+    """One autotune config per (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of `tiles`, GROUP_M 8."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s,
                           pre_hook=pre_hook) for bm, bn, bk, w, s in tiles]
 
 
-POINTER_CONFIGS = _configs(_POINTER_TILES)
-TMA_CONFIGS = _configs(_TMA_TILES, pre_hook=_set_block_shapes)
+POINTER_CONFIGS = tile_configs(_POINTER_TILES)
+TMA_CONFIGS = tile_configs(_TMA_TILES, pre_hook=_set_block_shapes)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -70,7 +71,7 @@ _USES = [("fc", "gelu_save_h", "tanh"), ("fc", "gelu_save_h", "none"), ("fc reco
          ("fc recompute", "gelu", "none"), ("dH", "gelu_grad", "tanh"), ("dH", "gelu_grad", "none")]
 
 
-def _variant(kernel, label: str, types: dict[str, str], constexprs: dict, cfg: triton.Config,
+def gemm_variant(kernel, label: str, types: dict[str, str], constexprs: dict, cfg: triton.Config,
              unit: tuple[str, ...] = (), arches: tuple[int, ...] = ()) -> compile_report.KernelVariant:
     """One compile-report variant of `kernel`: `types` for the runtime arguments, constexpr for the
     rest; None arguments are constexpr None (as at runtime), `unit` strides constexpr 1, and every
@@ -106,7 +107,7 @@ def _compile_variants(pointer, tma):
             types = {**used, **sizes, **dict.fromkeys(pointers, ptr), **dict.fromkeys(strides, "i32")}
             pointer_flags = {**flags, "SUM_ROWS": sum_rows("pointer")}
             for cfg in compile_report.autotune_configs(pointer):
-                yield _variant(pointer, f"{name} pointer", types, pointer_flags, cfg, unit)
+                yield gemm_variant(pointer, f"{name} pointer", types, pointer_flags, cfg, unit)
 
             # DTYPE as the launcher passes it (the autotune key): the torch dtype's name
             tma_flags = {**flags, "DTYPE": str(dtype).removeprefix("torch."), "B_NK": fc, "SUM_ROWS": sum_rows("tma"),
@@ -117,7 +118,7 @@ def _compile_variants(pointer, tma):
                 blocks |= {"aux_desc": (bm, bn // 4)} if epilogue != "gelu" else {}
                 types = {**used, **sizes,
                          **{d: f"tensordesc<{name_of_type}[{r}, {c}]>" for d, (r, c) in blocks.items()}}
-                yield _variant(tma, f"{name} tma", types, tma_flags, cfg, arches=(90,))
+                yield gemm_variant(tma, f"{name} tma", types, tma_flags, cfg, arches=(90,))
 
 
 def register_compile_variants(pointer, tma) -> None:

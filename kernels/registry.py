@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from tritongpt.kernels.spec import OpSpec
 
 AUTO = "auto"
-GLOBAL = "backend"  # the choice for every op: --backend, TRITONGPT_BACKEND, GPTConfig.backend
+EVERY_OP = "backend"  # the choice for every op: --backend, TRITONGPT_BACKEND, GPTConfig.backend
 PLUGIN_GROUP = "tritongpt.backends"
 # Where a backend runs: "any" device; "triton": CUDA or TRITON_INTERPRET=1; "cuda": CUDA tensors only;
 # "cuda-backward": forward on any device, gradients on CUDA only (PyTorch's FlexAttention on a CPU).
@@ -60,6 +60,9 @@ class Backend:
     needs: str  # one of NEEDS
     deterministic: bool  # claims bitwise-equal results when rerun on the same inputs (checked by verify)
     requires: str | None = None  # the importable package it calls (e.g. "flash_attn"); None: nothing extra
+    # (*args, **kwargs) of one call -> a callable with the op's signature that skips the backend's
+    # per-input setup on those inputs (FlexAttention's block mask): benchmarks time it beside the backend
+    prepared: Callable | None = None
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -102,8 +105,8 @@ def load() -> None:
 
 def register_op(spec: OpSpec) -> None:
     """Add an op; its reference becomes backend `torch`."""
-    require(spec.name.isidentifier() and spec.name not in (AUTO, GLOBAL),
-            f"op name {spec.name!r} must be a Python identifier other than {AUTO!r} and {GLOBAL!r}")
+    require(spec.name.isidentifier() and spec.name not in (AUTO, EVERY_OP),
+            f"op name {spec.name!r} must be a Python identifier other than {AUTO!r} and {EVERY_OP!r}")
     require(spec.name not in _OPS, f"op {spec.name!r} is already registered")
     _OPS[spec.name] = spec
     _BACKENDS[spec.name] = {}
@@ -111,7 +114,7 @@ def register_op(spec: OpSpec) -> None:
 
 
 def register(op: str, name: str, fn: Callable, *, needs: str = "any", deterministic: bool = False,
-             requires: str | None = None) -> Callable:
+             requires: str | None = None, prepared: Callable | None = None) -> Callable:
     """Add backend `name` of `op`; returns `fn`. A backend that calls an optional package names it
     in `requires` and is registered whether or not it is installed, so every list of backends is
     the same everywhere; it is usable only where the package is."""
@@ -119,7 +122,7 @@ def register(op: str, name: str, fn: Callable, *, needs: str = "any", determinis
     require(callable(fn), f"backend {name!r} of op {op!r} is not callable: {fn!r}")
     require(needs in NEEDS, f"backend {name!r} of op {op!r}: needs must be one of {NEEDS}, got {needs!r}")
     require(name and name != AUTO, f"backend name {name!r} of op {op!r} is reserved or empty")
-    _BACKENDS[op][name] = Backend(fn, needs, deterministic, requires)
+    _BACKENDS[op][name] = Backend(fn, needs, deterministic, requires, prepared)
     return fn
 
 
@@ -184,6 +187,18 @@ def unusable_reason(op: str, name: str, device: torch.device | str | None = None
     return None
 
 
+WHERE = {"any": "any device", "triton": "CUDA, or a CPU under TRITON_INTERPRET=1", "cuda": "CUDA",
+         "cuda-backward": "forward on any device, backward on CUDA"}  # NEEDS in words, for docs
+
+
+def where(op: str, name: str) -> str:
+    """Where backend `name` of `op` runs, in words, on any machine (docs; `unusable_reason` says
+    why not on this one)."""
+    entry = backend(op, name)
+    package = f"; needs `pip install {entry.requires.replace('_', '-')}`" if entry.requires else ""
+    return WHERE[entry.needs] + package
+
+
 def usable(op: str, name: str, device: torch.device | str | None = None, backward: bool = True) -> bool:
     """Whether backend `name` of `op` can run for tensors on `device` (None: the default
     accelerator), forward and backward (forward only with backward=False)."""
@@ -200,7 +215,7 @@ def choose(op: str, choice: str | None = None, default: str | None = None,
     """The backend name for `op`: `choice`, else `default` (the global choice), else auto; one
     that cannot run on `device` (with gradients unless backward=False) is an error saying why."""
     _check_op(op)
-    source, value = (op, choice) if choice else (GLOBAL, default) if default else ("default", AUTO)
+    source, value = (op, choice) if choice else (EVERY_OP, default) if default else ("default", AUTO)
     if value == AUTO:
         return "triton" if "triton" in _BACKENDS[op] and triton_usable(device) else "torch"
     if value not in _BACKENDS[op]:
@@ -228,7 +243,7 @@ def env_var(name: str) -> str:
 def env_choices(environ: Mapping[str, str]) -> dict[str, str]:
     """{op or "backend": name} from the TRITONGPT_<OP> / TRITONGPT_BACKEND variables set in
     `environ`. The command line calls this with os.environ; library code never reads it."""
-    return {name: environ[env_var(name)] for name in (*ops(), GLOBAL) if environ.get(env_var(name))}
+    return {name: environ[env_var(name)] for name in (*ops(), EVERY_OP) if environ.get(env_var(name))}
 
 
 def _check_op(op: str) -> None:

@@ -161,6 +161,9 @@ class OpSpec:
     # (inputs, dtype) -> (output, input gradients) of the reference in `dtype`; default: autograd
     # through `reference` at once (an op whose reference is too big at real sizes chunks it here)
     chunked_oracle: Callable[[Inputs, torch.dtype], tuple[torch.Tensor, list[torch.Tensor]]] | None = None
+    # case -> the (query block, key block) tiles the Triton kernels visit, for benchmark rows to
+    # show beside time (an op whose work the kernel cuts by skipping tiles); None: not counted
+    tiles: Callable[[Case], int] | None = None
 
     def oracle(self, inputs: Inputs, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The reference run in `dtype` on the same inputs: (primary output, input gradients)."""

@@ -1,5 +1,7 @@
 """The GPT: GPT-2's architecture (nanoGPT-style, GPT-2 parameter names) whose attention,
-LayerNorm, MLP and lm_head + loss (`linear_cross_entropy`) come from the backend registry.
+norms, MLP and lm_head + loss (`linear_cross_entropy`) come from the backend registry; with
+normalization="rmsnorm", ffn="swiglu" and RoPE it is the Llama architecture (RMSNorm modules
+in place of the LayerNorms, mlp.gate_proj / up_proj / down_proj in place of c_fc / c_proj).
 
     from tritongpt import GPT, GPTConfig
     model = GPT(GPTConfig.from_preset("tiny", attention="sdpa"))
@@ -7,6 +9,7 @@ LayerNorm, MLP and lm_head + loss (`linear_cross_entropy`) come from the backend
     logits = model.logits(model.hidden_states(idx))   # (B, T, V) when they are wanted
     out = model.eval().generate(idx, 50, temperature=0.8, top_k=200)
     model.backend_names()                         # {"attention": "sdpa", "layer_norm": ..., "mlp": ..., ...}
+                                                  # (the ops of model.config.ops only)
 
 Shapes: B batch, T sequence, C n_embd, V real_vocab_size (padding rows excluded).
 """
@@ -24,8 +27,9 @@ from tritongpt.errors import TritonGPTError, require
 from tritongpt.kernels import registry
 from tritongpt.model.config import MODEL_OPS, GPTConfig
 from tritongpt.model.layers import (
+    NORMS,
+    RESIDUAL_PROJECTIONS,
     Block,
-    LayerNorm,
     compute_dtype,
     init_weights,
     residual_std,
@@ -55,7 +59,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding (V_padded, C)
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=LayerNorm(config),
+            ln_f=NORMS[config.normalization](config),
         )
         if config.pos_embedding == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position embedding
@@ -67,7 +71,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(RESIDUAL_PROJECTIONS):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config.n_layer))
         self.resolve_op(config)
 
@@ -80,12 +84,13 @@ class GPT(nn.Module):
     def set_backends(self, **choices: str) -> None:
         """Re-resolve the ops of every module, e.g. set_backends(attention="sdpa"): keyword
         arguments are MODEL_OPS names or `backend`; "auto" returns an op to the default. Raises
-        (changing nothing) on an unknown or unusable backend. The choices land in self.config."""
-        unknown = sorted(set(choices) - {*MODEL_OPS, registry.GLOBAL})
+        (changing nothing) on an unknown or unusable backend of an op the model calls; the choice
+        for an op it does not call is only recorded. The choices land in self.config."""
+        unknown = sorted(set(choices) - {*MODEL_OPS, registry.EVERY_OP})
         if unknown:
             raise TritonGPTError(f"set_backends: unknown op(s) {', '.join(unknown)}; ops: {', '.join(MODEL_OPS)}")
         config = dataclasses.replace(self.config, **choices)
-        for op in MODEL_OPS:
+        for op in config.ops:
             registry.choose(op, getattr(config, op), config.backend, backward=False)  # as resolve_op does
         for module in self.modules():
             if hasattr(module, "resolve_op"):
@@ -93,11 +98,11 @@ class GPT(nn.Module):
         self.config = config
 
     def backend_names(self) -> dict[str, str]:
-        """op -> the backend its modules use, e.g. {"attention": "triton", "layer_norm": "torch", "mlp": "triton",
-        "linear_cross_entropy": "chunked"}."""
+        """op -> the backend its modules use, for the ops the model calls (config.ops), e.g.
+        {"attention": "triton", "layer_norm": "torch", "mlp": "triton", "linear_cross_entropy": "chunked"}."""
         block = self.transformer.h[0]
-        return {"attention": block.attn.backend, "layer_norm": self.transformer.ln_f.backend, "mlp": block.mlp.backend,
-                "linear_cross_entropy": self.loss_backend}
+        names = {module.op: module.backend for module in (block.attn, self.transformer.ln_f, block.mlp)}
+        return {**names, "linear_cross_entropy": self.loss_backend}
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -125,7 +130,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
-        """The final LayerNorm's output (B, T, C) for idx (B, T). With a cache, idx continues the
+        """The final norm's output (B, T, C) for idx (B, T). With a cache, idx continues the
         cache.length positions already held (written into the cache; the caller advances length)."""
         b, t = idx.shape
         start = 0 if cache is None else cache.length
@@ -171,9 +176,11 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs (forward + backward) per token, PaLM appendix B / nanoGPT style:
-        6 N for the weight matmuls (N = num_params()) plus 12 * n_layer * n_embd * S for
-        attention's q k^T and (probs) v, S = keys each query sees: seq_len (default block_size),
-        capped by the sliding window. Masked-out (causal) keys are counted, as in PaLM."""
+        6 N for the weight matmuls (N = num_params(), so SwiGLU's three matrices and grouped-query
+        attention's narrower k, v projections count as built) plus 12 * n_layer * n_embd * S for
+        attention's q k^T and (probs) v over the n_head query heads (n_head * head_dim = n_embd,
+        whatever n_kv_head is), S = keys each query sees: seq_len (default block_size), capped by
+        the sliding window. Masked-out (causal) keys are counted, as in PaLM."""
         keys = seq_len or self.config.block_size
         if self.config.window is not None:
             keys = min(keys, self.config.window)
@@ -182,7 +189,7 @@ class GPT(nn.Module):
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float],
                             device_type: str) -> torch.optim.AdamW:
         """AdamW with weight decay on matrices and embeddings (params with >= 2 dims) only, not
-        on biases and LayerNorm gains; fused on CUDA."""
+        on biases and norm gains; fused on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -34,31 +34,59 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with optional bias, through the `layer_norm` op. Called with the residual
-    stream, it adds the previous sublayer's output into the stream inside the norm (one fused
-    pass on the triton backend) and returns both (normalized, new residual stream)."""
+class Norm(nn.Module):
+    """A pre-norm sublayer's normalization through its registry op (`op`: LayerNorm or RMSNorm).
+    Called with the residual stream, it adds the previous sublayer's output into the stream
+    inside the norm (one fused pass on the triton backends) and returns both (normalized, new
+    residual stream). Each subclass holds its parameters and gives them, in the op's argument
+    order after x, from `gains(dtype)`."""
+
+    op: str  # the registry op, a GPTConfig backend field
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(config.n_embd))
-        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias else None
-        self.eps = 1e-5
-        self.resolve_op(config)
+        self.eps = config.norm_eps
 
     def resolve_op(self, config: GPTConfig) -> None:
-        self.backend, self.layer_norm = resolve_op("layer_norm", config)
+        self.backend, self.norm = resolve_op(self.op, config)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) is a sublayer's output, residual (B, T, C) the stream it adds to (None for
-        the first block: x is the stream). Returns (LN(x + residual), x + residual). The stream
+        the first block: x is the stream). Returns (norm(x + residual), x + residual). The stream
         keeps its own dtype (fp32 under autocast, as in nanoGPT); x is cast to it."""
         dtype = x.dtype if residual is None else residual.dtype
-        weight = self.weight.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
         if residual is None:
-            return self.layer_norm(x, weight, bias, self.eps), x
-        return self.layer_norm(x.to(dtype), weight, bias, self.eps, residual=residual)
+            return self.norm(x, *self.gains(dtype), self.eps), x
+        return self.norm(x.to(dtype), *self.gains(dtype), self.eps, residual=residual)
+
+
+class LayerNorm(Norm):
+    """GPT-2's LayerNorm with optional bias, through the `layer_norm` op."""
+
+    op = "layer_norm"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias else None
+        self.resolve_op(config)
+
+    def gains(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        return self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
+
+
+class RMSNorm(Norm):
+    """Llama's RMSNorm, x / rms(x) * weight (no bias, no centring), through the `rms_norm` op."""
+
+    op = "rms_norm"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.resolve_op(config)
+
+    def gains(self, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        return (self.weight.to(dtype),)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +122,8 @@ class CausalSelfAttention(nn.Module):
     the `attention` op in (B, T, H, D) layout: c_attn's output is viewed as (B, T, H + 2*Hkv, D)
     and q, k, v are strided views of it, no transposes."""
 
+    op = "attention"
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
@@ -105,7 +135,7 @@ class CausalSelfAttention(nn.Module):
         self.resolve_op(config)
 
     def resolve_op(self, config: GPTConfig) -> None:
-        self.backend, self.attention = resolve_op("attention", config)
+        self.backend, self.attention = resolve_op(self.op, config)
 
     def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         """q (B, T, H, D), k and v (B, T, Hkv, D) for x (B, T, C), rope applied to q and k."""
@@ -136,15 +166,17 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """GPT-2's MLP, c_proj(gelu_tanh(c_fc(x))), through the fused `mlp` op."""
 
+    op = "mlp"
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.resolve_op(config)
 
     def resolve_op(self, config: GPTConfig) -> None:
-        self.backend, self.gelu_mlp = resolve_op("mlp", config)
+        self.backend, self.gelu_mlp = resolve_op(self.op, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) -> (B, T, C). Under autocast the op gets every tensor in autocast's dtype."""
@@ -154,17 +186,48 @@ class MLP(nn.Module):
         return self.dropout(self.gelu_mlp(x.to(dtype), w1, b1, w2, b2, approximate="tanh"))
 
 
-class Block(nn.Module):
-    """A pre-LN transformer block in the prenorm-residual form of flash-attn / Liger: it takes
-    the previous sublayer's output and the residual stream separately, and each LayerNorm adds
-    the pending output into the stream (x + residual) as it normalizes."""
+class SwiGLUMLP(nn.Module):
+    """Llama's MLP, down_proj(silu(gate_proj(x)) * up_proj(x)) without biases, through the fused
+    `swiglu_mlp` op. The parameters carry Hugging Face Llama's names (mlp.gate_proj, ...)."""
+
+    op = "swiglu_mlp"
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(config)
+        self.gate_proj = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.hidden, bias=False)
+        self.down_proj = nn.Linear(config.hidden, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.resolve_op(config)
+
+    def resolve_op(self, config: GPTConfig) -> None:
+        self.backend, self.swiglu_mlp = resolve_op(self.op, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). Under autocast the op gets every tensor in autocast's dtype."""
+        dtype = compute_dtype(x)
+        w_gate, w_up, w_down = (p.to(dtype) for p in (self.gate_proj.weight, self.up_proj.weight,
+                                                      self.down_proj.weight))
+        return self.dropout(self.swiglu_mlp(x.to(dtype), w_gate, w_up, w_down))
+
+
+# the module of each GPTConfig.normalization and GPTConfig.ffn form
+NORMS: dict[str, type[Norm]] = {"layernorm": LayerNorm, "rmsnorm": RMSNorm}
+FFNS: dict[str, type[nn.Module]] = {"gelu": MLP, "swiglu": SwiGLUMLP}
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block in the prenorm-residual form of flash-attn / Liger: it takes
+    the previous sublayer's output and the residual stream separately, and each norm adds the
+    pending output into the stream (x + residual) as it normalizes. Its norms and MLP are of the
+    config's forms (NORMS, FFNS)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = NORMS[config.normalization](config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config)
-        self.mlp = MLP(config)
+        self.ln_2 = NORMS[config.normalization](config)
+        self.mlp = FFNS[config.ffn](config)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, doc_ids: torch.Tensor | None = None,
@@ -178,7 +241,7 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-2 init: Linear and Embedding weights N(0, 0.02), biases 0 (LayerNorms keep 1, 0)."""
+    """GPT-2 init: Linear and Embedding weights N(0, 0.02), biases 0 (norms keep 1, 0)."""
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, mean=0.0, std=std)
         if module.bias is not None:
@@ -187,7 +250,12 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=std)
 
 
+# the weights of the projections that write into the residual stream (attn.c_proj, and mlp.c_proj
+# or mlp.down_proj), by the end of their names
+RESIDUAL_PROJECTIONS = ("c_proj.weight", "down_proj.weight")
+
+
 def residual_std(n_layer: int, std: float = 0.02) -> float:
-    """GPT-2's init of the projections that write into the residual stream (attn.c_proj,
-    mlp.c_proj): 0.02 / sqrt(2 * n_layer), two such writes per block."""
+    """GPT-2's init of the projections that write into the residual stream (RESIDUAL_PROJECTIONS):
+    0.02 / sqrt(2 * n_layer), two such writes per block."""
     return std / math.sqrt(2 * n_layer)

@@ -22,7 +22,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import attention as attn
-from tritongpt.kernels import attention_backends, attention_spec, checks, compile_report, registry
+from tritongpt.kernels import attention_backends, attention_blocks, attention_spec, checks, compile_report, registry
 from tritongpt.kernels import attention_configs as attn_configs
 
 ON_GPU = torch.cuda.is_available()
@@ -60,10 +60,11 @@ def _reference(q, k, v, do, causal, scale, window, docs):
 
 
 def _check(b, t, s, h, h_kv, d, causal, window=None, n_docs=0, dtype=torch.float32, scale=None,
-           device=CPU, seed=0, tf32=None):
+           device=CPU, seed=0, tf32=None, doc_ids=None):
     """Launch forward and backward into NaN-poisoned buffers and compare all five outputs (fp32 at
-    tf32's tolerance on a GPU unless `tf32` says otherwise)."""
+    tf32's tolerance on a GPU unless `tf32` says otherwise); `doc_ids` (B, S) replace random ones."""
     q, k, v, do, docs = _inputs(b, t, s, h, h_kv, d, dtype, device, seed, n_docs)
+    docs = docs if doc_ids is None else doc_ids.to(device)
     softmax_scale = scale if scale is not None else 1 / math.sqrt(d)
     out, lse = poison(torch.empty_like(q)), poison(torch.empty(b, h, t, device=device))
     attn.flash_attn_fwd(q, k, v, causal, softmax_scale, window, docs, out=out, lse=lse)
@@ -103,6 +104,140 @@ def test_fp32_matches_float64_reference(b, t, s, h, h_kv, d, causal, window, n_d
 ])
 def test_fp16_matches_float64_reference(b, t, s, h, h_kv, d, causal, window, n_docs, device):
     _check(b, t, s, h, h_kv, d, causal, window, n_docs, torch.float16, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed documents: block ranges narrowed to the documents, exact for any doc ids
+
+
+def _fuzzed_doc_ids(kind: str, b: int, s: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, S) doc ids of one kind: random document lengths (some of length 1), one document, many
+    one-token documents, or ids that are not non-decreasing (a document id coming back)."""
+    if kind == "one":
+        return torch.zeros(b, s, dtype=torch.int64)
+    if kind == "singletons":  # the first half one-token documents (their dq, dk are 0), then one document
+        return torch.arange(s).clamp(max=s // 2).repeat(b, 1)
+    if kind == "non-monotone":
+        return torch.randint(0, 3, (b, s), generator=gen)
+    starts = torch.rand(b, s, generator=gen) < 0.08  # ~12-token documents on average, some of one token
+    starts[:, 1:][torch.rand(b, s - 1, generator=gen) < 0.03] = True
+    return torch.cumsum(starts.long(), dim=1)
+
+
+def test_doc_bounds_give_each_positions_document():
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 7], [5, 5, 5, 5, 5, 5, 5], [0, 1, 1, 0, 0, 2, 2]])
+    bounds = attention_blocks.doc_bounds(ids)
+    assert bounds.dtype == torch.int32 and bounds.shape == (3, 2, 7)
+    assert bounds[0].tolist() == [[0, 0, 0, 3, 4, 4, 6], [3, 3, 3, 4, 6, 6, 7]]
+    assert bounds[1].tolist() == [[0] * 7, [7] * 7]
+    assert bounds[2].tolist() == [[-1] * 7, [7] * 7]  # ids not non-decreasing: the kernels mask everywhere
+
+
+def _brute_force_tiles(t, s, causal, window, docs, block_m, block_n):
+    """(B, query blocks, key blocks) bool: the tiles holding at least one visible (query, key) pair,
+    and (B, query blocks, key blocks) bool: the tiles whose every in-range pair is visible."""
+    mask = attention_spec.attention_mask(t, s, causal, window, docs, CPU)
+    mask = torch.ones(t, s, dtype=torch.bool) if mask is None else mask
+    mask = mask.reshape(-1, t, s)
+    rows, cols = triton.cdiv(t, block_m), triton.cdiv(s, block_n)
+    padded = torch.zeros(mask.shape[0], rows * block_m, cols * block_n, dtype=torch.bool)
+    inside = torch.zeros_like(padded)
+    padded[:, :t, :s], inside[:, :t, :s] = mask, True
+    tiles = padded.view(-1, rows, block_m, cols, block_n)
+    inside = inside.view(-1, rows, block_m, cols, block_n)
+    return tiles.any(4).any(2), (tiles | ~inside).all(4).all(2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_visited_blocks_are_the_tiles_with_a_visible_pair(seed):
+    """The block ranges the kernels walk (attention_blocks mirrors them) cover exactly the tiles
+    that hold a visible pair; the unmasked middle holds only fully visible tiles; doc ids that are
+    not non-decreasing cost the causal/window range."""
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        s = int(torch.randint(1, 300, (1,), generator=gen))
+        t = int(torch.randint(1, s + 1, (1,), generator=gen))
+        causal = trial % 4 != 0
+        window = int(torch.randint(1, 80, (1,), generator=gen)) if causal and trial % 3 == 0 else None
+        kind = ("random", "random", "one", "singletons", "non-monotone", None)[trial % 6]
+        docs = None if kind is None else _fuzzed_doc_ids(kind, 2, s, gen)
+        block_m, block_n = (16, 32, 64)[trial % 3], (16, 32, 64, 128)[trial % 4]
+        for kernel in ("fwd", "dkdv"):
+            visited = attention_blocks.visited_blocks(kernel, t, s, causal, window, docs, block_m, block_n)
+            any_pair, _ = _brute_force_tiles(t, s, causal, window, None if kind == "non-monotone" else docs,
+                                             block_m, block_n)
+            expected = int(any_pair.sum()) * (2 if docs is not None and kind == "non-monotone" else 1)
+            assert visited == expected, (kernel, t, s, causal, window, kind, block_m, block_n)
+        any_pair, full = _brute_force_tiles(t, s, causal, window, docs, block_m, block_n)
+        rows = [None] if docs is None else [(b[0].tolist(), b[1].tolist()) for b in attention_blocks.doc_bounds(docs)]
+        for batch, bounds in enumerate(rows):
+            for m, (lo, full_lo, full_hi, hi) in enumerate(attention_blocks.block_ranges(
+                    "fwd", t, s, causal, window, bounds, block_m, block_n)):
+                if hi <= lo:  # a block no key is visible to: no iteration
+                    assert not any_pair[batch, m].any()
+                    continue
+                assert lo % block_n == 0 and lo <= full_lo <= full_hi <= hi
+                assert all(full[batch, m, n // block_n] for n in range(full_lo, full_hi, block_n))
+            for n, (lo, full_lo, full_hi, hi) in enumerate(attention_blocks.block_ranges(
+                    "dkdv", t, s, causal, window, bounds, block_m, block_n)):
+                if hi <= lo:
+                    assert not any_pair[batch, :, n].any()
+                    continue
+                assert lo % block_m == 0 and lo <= full_lo <= full_hi <= hi
+                assert all(full[batch, m // block_m, n] for m in range(full_lo, full_hi, block_m))
+
+
+def test_packed_documents_visit_an_eighth_of_the_causal_tiles():
+    """8 documents x 128 tokens at T = 1024: a document's causal triangle each, not the sequence's."""
+    docs = torch.arange(1024).div(128, rounding_mode="floor")[None]
+    for kernel, block_m, block_n in (("fwd", 128, 128), ("fwd", 64, 32), ("dkdv", 32, 128)):
+        causal = attention_blocks.visited_blocks(kernel, 1024, 1024, True, None, None, block_m, block_n)
+        packed = attention_blocks.visited_blocks(kernel, 1024, 1024, True, None, docs, block_m, block_n)
+        tiles_per_doc = attention_blocks.visited_blocks(kernel, 128, 128, True, None, None, block_m, block_n)
+        assert packed == 8 * tiles_per_doc < causal / 4
+
+
+@pytest.mark.parametrize("kind", ("random", "one", "singletons"))
+def test_cu_seqlens_give_the_documents_of_every_row(kind):
+    """flash-attn's varlen input: tokens i, j of the flattened batch share a sequence exactly when
+    they share a row and a doc id (checked pair by pair); non-monotone ids are refused."""
+    docs = _fuzzed_doc_ids(kind, 3, 50, torch.Generator().manual_seed(3))
+    cu_seqlens, longest = attention_backends.cu_seqlens_of(docs)
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens[0] == 0 and cu_seqlens[-1] == docs.numel()
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    assert (lengths > 0).all() and longest == lengths.max()
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # (B * S,)
+    row = torch.arange(3).repeat_interleave(50)
+    ids = docs.flatten()
+    same_doc = (row[:, None] == row[None, :]) & (ids[:, None] == ids[None, :])
+    assert torch.equal(sequence[:, None] == sequence[None, :], same_doc)
+    with pytest.raises(TritonGPTError, match="non-decreasing"):
+        attention_backends.cu_seqlens_of(_fuzzed_doc_ids("non-monotone", 2, 50, torch.Generator().manual_seed(0)))
+
+
+DOC_CASES = [  # (B, T, S, H, H_kv, D, causal, window, doc kind)
+    (2, 97, 97, 2, 1, 16, True, None, "random"),
+    (1, 150, 150, 2, 2, 32, True, 20, "random"),  # window
+    (2, 60, 130, 4, 2, 16, True, None, "random"),  # T < S, GQA
+    (1, 70, 90, 2, 2, 16, False, None, "random"),  # non-causal, T < S
+    (1, 80, 80, 2, 1, 16, True, None, "singletons"),
+    (1, 80, 80, 2, 2, 16, False, None, "one"),
+    (2, 70, 70, 2, 1, 16, True, None, "non-monotone"),
+    (1, 50, 100, 2, 2, 16, False, None, "non-monotone"),
+]
+DOC_TILES = [  # (fwd, dq, dkdv) block sizes, so document edges fall inside and across blocks
+    {}, dict(fwd=triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False}, num_warps=4, num_stages=1),
+             dq=triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "USE_TMA": False}, num_warps=4, num_stages=1),
+             dkdv=triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1)),
+]
+
+
+@pytest.mark.parametrize("tiles", DOC_TILES, ids=("smallest", "64-wide"))
+@pytest.mark.parametrize("b,t,s,h,h_kv,d,causal,window,kind", DOC_CASES)
+def test_fuzzed_doc_ids_match_float64_reference(b, t, s, h, h_kv, d, causal, window, kind, tiles, device):
+    docs = _fuzzed_doc_ids(kind, b, s, torch.Generator().manual_seed(t * s))
+    with attn_configs.pinned_configs(**tiles):
+        _check(b, t, s, h, h_kv, d, causal, window, doc_ids=docs, device=device, seed=t + s)
 
 
 def test_custom_softmax_scale(device):
@@ -343,7 +478,7 @@ def _pinned_rounds():
 def test_every_kept_config_runs_correctly_under_the_interpreter(configs):
     """Each tile and load path the real pruner can pick (union of sm_80 and sm_90) on a ragged GQA
     case with T != S that crosses a 128-key block and keeps every mask region busy."""
-    with attn.pinned_configs(**configs):
+    with attn_configs.pinned_configs(**configs):
         _check(1, 70, 150, 2, 1, 16, True, 100, 2)
 
 
@@ -352,7 +487,7 @@ def test_every_kept_config_runs_correctly_under_the_interpreter(configs):
 @pytest.mark.parametrize("shape", [(1, 150, 150, 2, 2, 64, False, None, 0), (2, 130, 257, 4, 2, 80, True, None, 3),
                                    (1, 129, 129, 2, 1, 128, True, 50, 0)])
 def test_every_kept_config_on_more_shapes(configs, shape, device):
-    with attn.pinned_configs(**configs):
+    with attn_configs.pinned_configs(**configs):
         _check(*shape, device=device)
 
 
@@ -365,11 +500,11 @@ def test_tma_path_on_packed_views_gqa_padded_head_dim(device):
     b, t, h, h_kv, d = 1, 90, 4, 2, 80
     qkv = torch.randn(b, t, h + 2 * h_kv, d, generator=gen).to(device)
     q, k, v = qkv[:, 20:, :h], qkv[:, :, h:h + h_kv], qkv[:, :, h + h_kv:]
-    assert attn._suits_tma(q, k, v)
+    assert attn_configs.suits_tma(q, k, v)
     do = torch.randn(q.shape, generator=gen).to(device)
     docs = _doc_ids(b, t, 2, gen, device)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    with attn.pinned_configs(**tma):
+    with attn_configs.pinned_configs(**tma):
         out = attn.flash_attention(q, k, v, causal=True, window=30, doc_ids=docs)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     ref, _, *grads = _reference(q, k, v, do, True, None, 30, docs)
@@ -381,10 +516,10 @@ def test_tensors_that_do_not_suit_descriptors_take_pointer_configs(device):
     """A view 8 bytes off alignment, a head stride that is not a multiple of 16 bytes, or an
     expanded sequence axis: no TMA (the pruner drops those configs); the result is still right."""
     base = torch.randn(1, 40, 2, 20, device=device)
-    assert attn._suits_tma(base[..., :16])
-    assert not attn._suits_tma(base[..., 2:18])  # data pointer 8 bytes into a row
-    assert not attn._suits_tma(torch.randn(1, 40, 2, 18, device=device)[..., :16])  # 72-byte head stride
-    assert not attn._suits_tma(torch.randn(1, 1, 2, 16, device=device).expand(1, 40, 2, 16))
+    assert attn_configs.suits_tma(base[..., :16])
+    assert not attn_configs.suits_tma(base[..., 2:18])  # data pointer 8 bytes into a row
+    assert not attn_configs.suits_tma(torch.randn(1, 40, 2, 18, device=device)[..., :16])  # 72-byte head stride
+    assert not attn_configs.suits_tma(torch.randn(1, 1, 2, 16, device=device).expand(1, 40, 2, 16))
     q, k, v = base[..., 2:18], base[..., 1:17], base[..., :16]
     out = attn.flash_attention(q, k, v)
     assert_rel_close(out, attention_spec.reference(q.double(), k.double(), v.double()),
@@ -540,7 +675,7 @@ def test_every_kept_config_on_gpu():
         expected = _reference(q, k, v, do, True, None, None, docs)
         for i in range(max(len(c) for c in union.values())):
             configs = {kind: cs[i % len(cs)] for kind, cs in union.items()}
-            with attn.pinned_configs(**configs):
+            with attn_configs.pinned_configs(**configs):
                 out, lse = attn.flash_attn_fwd(q, k, v, True, 1 / math.sqrt(d), None, docs)
                 grads = attn.flash_attn_bwd(do, q, k, v, out, lse, True, 1 / math.sqrt(d), None, docs)
             label = _names(configs.values())

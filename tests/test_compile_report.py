@@ -20,7 +20,7 @@ import pytest
 import triton
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.kernels import attention, attention_configs, compile_report, layer_norm_configs
+from tritongpt.kernels import attention, attention_configs, compile_report, norm_configs
 
 LAYER_NORM_KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_layer_norm_bwd_reduce_kernel"}
 
@@ -29,7 +29,7 @@ LAYER_NORM_KERNELS = {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_laye
 CHILD = """
 import dataclasses, json
 from tritongpt.kernels import compile_report as cr
-from tritongpt.kernels import layer_norm_configs
+from tritongpt.kernels import norm_configs
 rows = cr.report("sm_90", "_layer_norm_")
 good = next(v for v in cr.variants() if v.kernel.__name__ == "_layer_norm_fwd_kernel")
 broken = dataclasses.replace(good, config="BLOCK_N=1000 (not a power of 2)",
@@ -37,7 +37,7 @@ broken = dataclasses.replace(good, config="BLOCK_N=1000 (not a power of 2)",
 bad_row = cr.compile_variant(broken, 90)
 print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "table": cr.format_table(rows, "sm_90"),
                   "bad_row": dataclasses.asdict(bad_row), "bad_table": cr.format_table([bad_row], "sm_90"),
-                  "n_configs": len(layer_norm_configs.row_configs())}))
+                  "n_configs": len(norm_configs.row_configs())}))
 """
 
 
@@ -79,7 +79,7 @@ def test_row_configs_are_what_the_report_compiles():
     """The variants come from the launchers' own table, so they cannot drift from it."""
     configs = {(v.constexprs["BLOCK_N"], v.num_warps, v.constexprs["ONE_PASS"]) for v in compile_report.variants()
                if v.kernel.__name__ in LAYER_NORM_KERNELS - {"_layer_norm_bwd_reduce_kernel"}}
-    assert configs == {(c.block_n, c.num_warps, c.one_pass) for c in layer_norm_configs.row_configs()}
+    assert configs == {(c.block_n, c.num_warps, c.one_pass) for c in norm_configs.row_configs()}
 
 
 def test_unknown_arch():
@@ -112,11 +112,14 @@ def test_every_kernel_compiles_for_sm90():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert {r["kernel"] for r in rows} >= LAYER_NORM_KERNELS | {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
-                                                                "_attn_bwd_dq_kernel", "_mlp_matmul_kernel"}
+                                                                "_attn_bwd_dq_kernel", "_mlp_matmul_kernel",
+                                                                "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel",
+                                                                "_swiglu_matmul_kernel", "_swiglu_tma_kernel"}
     for r in rows:
         assert r["ok"] and r["spill_bytes"] == 0, f"{r['kernel']} [{r['config']}]: {r['error']}"
     dots = {r["kernel"]: r["tensor_cores"] for r in rows}
-    assert dots["_attn_fwd_kernel"] == dots["_mlp_matmul_kernel"] == "wgmma", dots
+    assert dots["_attn_fwd_kernel"] == dots["_mlp_matmul_kernel"] == dots["_swiglu_tma_kernel"] == "wgmma", dots
+    assert next(r for r in rows if r["kernel"] == "_swiglu_tma_kernel")["tma"]
 
 
 @pytest.mark.slow
@@ -182,7 +185,7 @@ def test_jit_variant_specializes_like_the_jit():
 
 def test_report_compiles_the_configs_kept_for_its_arch(monkeypatch):
     """`report(arch)` compiles what the pruner keeps on `arch` (sm_80: no TMA, the sm_80 table),
-    and leaves out kernels that run on other arches only (the Hopper TMA MLP kernel)."""
+    and leaves out kernels that run on other arches only (the Hopper TMA MLP kernels)."""
     compiled = {80: [], 90: []}
     monkeypatch.setattr(compile_report, "interpreting", lambda: False)
     monkeypatch.setattr(compile_report, "compile_variant", lambda v, arch: compiled[arch].append(v))
@@ -196,7 +199,7 @@ def test_report_compiles_the_configs_kept_for_its_arch(monkeypatch):
         assert got == {attention_configs.config_name(c) for c in kept}, arch
     assert not any(v.config.endswith(" tma") for v in compiled[80])
     names = {n: {v.kernel.__name__ for v in variants} for n, variants in compiled.items()}
-    assert names[90] - names[80] == {"_mlp_tma_kernel"}
+    assert names[90] - names[80] == {"_mlp_tma_kernel", "_swiglu_tma_kernel"}
 
 
 def test_passing_is_the_intersection_over_triton_versions():

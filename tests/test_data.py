@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 
 from tritongpt.data import assets
 from tritongpt.data.loader import ShardLoader
-from tritongpt.data.shards import HEADER_BYTES, MAGIC, read_header, read_shard, write_shard
-from tritongpt.data.tokenizer import check_fits_uint16, get_encoding
+from tritongpt.data.shards import HEADER_BYTES, MAGIC, read_header, read_shard, version_for, write_shard
+from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
 
 
@@ -99,12 +98,9 @@ def test_unknown_tokenizer_lists_choices():
         get_encoding("nope")
 
 
-def test_vocab_over_uint16_rejected():
-    big = tiktoken.Encoding(name="big", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
-                            special_tokens={"<|endoftext|>": 70000})
-    with pytest.raises(TritonGPTError, match="big.*70001 tokens.*uint16"):
-        check_fits_uint16(big)
-    check_fits_uint16(get_encoding("gpt2"))
+def test_shard_version_follows_the_vocabulary():
+    """uint16 ids (llm.c's version 1) up to 65,536 tokens, uint32 (version 2) above (tests/test_tokenizer.py)."""
+    assert [version_for(v) for v in (50257, 65536, 65537, 128256)] == [1, 1, 2, 2]
 
 
 # ---- shards ----------------------------------------------------------------------------------
@@ -133,7 +129,8 @@ def corrupt(path, int_index, value):
 
 @pytest.mark.parametrize("case, pattern", [
     ("magic", "bad magic number 12345"),
-    ("version", "unsupported shard version 2"),
+    ("version", "unsupported shard version 3"),
+    ("wider", "header says 500 tokens .*uint32 ids of version 2.* but the file has 2024 bytes"),
     ("count", "header says 501 tokens .* but the file has 2024 bytes"),
     ("truncated", "header says 500 tokens .* but the file has 2022 bytes"),
     ("short", "shorter than the 1024-byte"),
@@ -145,6 +142,8 @@ def test_corrupt_shard_rejected(tmp_path, case, pattern):
     if case == "magic":
         corrupt(path, 0, 12345)
     elif case == "version":
+        corrupt(path, 1, 3)
+    elif case == "wider":  # a uint16 shard labelled uint32
         corrupt(path, 1, 2)
     elif case == "count":
         corrupt(path, 2, 501)

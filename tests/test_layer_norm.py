@@ -16,7 +16,7 @@ from _util import assert_rel_close, poison, rel_err, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import layer_norm as ln
-from tritongpt.kernels import layer_norm_configs, layer_norm_spec, registry
+from tritongpt.kernels import layer_norm_spec, norm_configs, registry
 
 EPS = 1e-5
 
@@ -139,9 +139,9 @@ def test_eps_is_used(device):
 def test_one_pass_up_to_8192():
     """Rows up to 8192 wide are read once (one pass), more warps for wider rows; narrow rows come
     several to a tile."""
-    assert layer_norm_configs.row_config(8192).one_pass and not layer_norm_configs.row_config(8193).one_pass
-    assert layer_norm_configs.row_config(8192).num_warps > layer_norm_configs.row_config(1024).num_warps
-    assert layer_norm_configs.row_config(768).rows > 1 and layer_norm_configs.row_config(8192).rows == 1
+    assert norm_configs.row_config(8192).one_pass and not norm_configs.row_config(8193).one_pass
+    assert norm_configs.row_config(8192).num_warps > norm_configs.row_config(1024).num_warps
+    assert norm_configs.row_config(768).rows > 1 and norm_configs.row_config(8192).rows == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -149,8 +149,8 @@ def test_chunked_rows_wider_than_one_pass(dtype, device):
     """Rows wider than MAX_BLOCK_N loop over chunks (statistics pass, then normalize pass, which
     reads back the s it stored; backward: row sums, then chunk by chunk); 5 rows over the
     backward's programs (4 under the interpreter) make a program handle several rows."""
-    n = 2 * layer_norm_configs.MAX_BLOCK_N + 5
-    assert not layer_norm_configs.row_config(n).one_pass
+    n = 2 * norm_configs.MAX_BLOCK_N + 5
+    assert not norm_configs.row_config(n).one_pass
     inp = make_inputs((5,), n, dtype, device, residual=True, seed=11)
     check_all(run_launchers(**inp), float64_reference(**inp), dtype, n, inp["ds"])
 
@@ -161,8 +161,8 @@ def test_backward_programs_walk_several_tiles(n, rows, dtype, device):
     """Narrow rows: tiles of 16 (N = 200) or 64 (N = 60) rows, several tiles per backward program
     (each loading the next while computing this one), a program's last tile cut short by its row
     range, and the last program's by M."""
-    cfg = layer_norm_configs.row_config(n)
-    assert rows > 2 * ln.INTERPRETER_BWD_PROGRAMS * cfg.rows and rows % cfg.rows
+    cfg = norm_configs.row_config(n)
+    assert rows > 2 * norm_configs.INTERPRETER_BWD_PROGRAMS * cfg.rows and rows % cfg.rows
     inp = make_inputs((rows,), n, dtype, device, residual=True, seed=n + rows)
     check_all(run_launchers(**inp), float64_reference(**inp), dtype, n, inp["ds"])
 
@@ -177,8 +177,8 @@ def test_rows_of_65536(dtype, device):
 def test_row_configs_cover_every_width():
     """`row_configs` (what the compile report compiles) lists exactly the configs the launchers
     pick for N = 1 .. 65536."""
-    picked = {layer_norm_configs.row_config(n) for n in range(1, 65537)}
-    assert picked == set(layer_norm_configs.row_configs())
+    picked = {norm_configs.row_config(n) for n in range(1, 65537)}
+    assert picked == set(norm_configs.row_configs())
 
 
 def grads_through_autograd(inp, eps=EPS):

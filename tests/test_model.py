@@ -3,7 +3,6 @@ an independent plain-PyTorch forward, loss semantics, config checks, accounting,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -24,7 +23,12 @@ VARIANTS = {
     "mha-learned": dict(),
     "gqa-rope-window": dict(n_kv_head=2, pos_embedding="rope", window=5),
     "mqa-sinusoidal-docs": dict(n_kv_head=1, pos_embedding="sinusoidal", window=9),
+    "llama-gqa-rope": dict(n_kv_head=2, pos_embedding="rope", normalization="rmsnorm", ffn="swiglu", bias=False,
+                           ffn_hidden=96, norm_eps=1e-6),
 }
+# the ops swapped alone to each other backend without -m slow: all of the first variant's, and the
+# Llama variant's own
+FAST_SWAPS = {"mha-learned": set(MODEL_OPS), "llama-gqa-rope": {"rms_norm", "swiglu_mlp"}}
 DOC_IDS = {"mqa-sinusoidal-docs"}  # variants run with packed documents
 
 
@@ -74,17 +78,17 @@ def run(config: GPTConfig, state: dict, inputs, dtype: torch.dtype, device: str 
 
 
 def backend_cases():
-    """(variant, backend choices): every variant all-torch and all-triton in fp32; on the first
-    variant also each op alone swapped to each of its other backends (the rest with -m slow)."""
+    """(variant, backend choices): every variant all-torch and all-triton in fp32; each op the
+    variant calls alone swapped to each of its other backends (FAST_SWAPS, the rest with -m slow)."""
     missing = [op for op in MODEL_OPS if "triton" not in registry.backends(op)]
     all_triton = pytest.mark.skipif(bool(missing), reason=f"triton backend not registered yet for {missing}")
     for variant in VARIANTS:
         yield pytest.param(variant, {"backend": "torch"}, id=f"{variant}-all-torch")
         yield pytest.param(variant, {"backend": "triton"}, id=f"{variant}-all-triton", marks=all_triton)
-        for op in MODEL_OPS:
+        for op in tiny_config(**VARIANTS[variant]).ops:
             for name in registry.backends(op):
                 if name != "torch" and registry.usable(op, name):
-                    marks = [] if variant == "mha-learned" else [pytest.mark.slow]
+                    marks = [] if op in FAST_SWAPS.get(variant, ()) else [pytest.mark.slow]
                     yield pytest.param(variant, {op: name}, id=f"{variant}-{op}-{name}", marks=marks)
 
 
@@ -104,10 +108,6 @@ def test_backends_match_float64_model(variant, choices, device):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert_rel_close(grads[name], ref_grads[name], fp32, f"grad of {name}")
-
-
-def _layer_param(params: dict, layer: int, name: str) -> torch.Tensor:
-    return params[f"transformer.h.{layer}.{name}"]
 
 
 def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None, start: int = 0) -> torch.Tensor:
@@ -142,10 +142,18 @@ def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None, s
     allowed = (j <= i) & ((j > i - c.window) if c.window else True)
     if doc_ids is not None:
         allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    def norm(v, name):  # LayerNorm (weight, bias) or RMSNorm (weight only)
+        if c.normalization == "rmsnorm":
+            return F.rms_norm(v, (c.n_embd,), p[name + ".weight"], c.norm_eps)
+        return F.layer_norm(v, (c.n_embd,), p[name + ".weight"], p.get(name + ".bias"), c.norm_eps)
+
+    def linear(v, name):
+        return v @ p[name + ".weight"].T + p.get(name + ".bias", 0.0)
+
     for layer in range(c.n_layer):
-        w = functools.partial(_layer_param, p, layer)
-        a = F.layer_norm(x, (c.n_embd,), w("ln_1.weight"), w("ln_1.bias"))
-        qkv = a @ w("attn.c_attn.weight").T + w("attn.c_attn.bias")
+        prefix = f"transformer.h.{layer}."
+        a = norm(x, prefix + "ln_1")
+        qkv = linear(a, prefix + "attn.c_attn")
         q = rotate(qkv[..., :h * hd].unflatten(-1, (h, hd)))
         k = rotate(qkv[..., h * hd:(h + h_kv) * hd].unflatten(-1, (h_kv, hd)))
         v = qkv[..., (h + h_kv) * hd:].unflatten(-1, (h_kv, hd))
@@ -153,11 +161,15 @@ def plain_forward(model: GPT, idx: torch.Tensor, doc_ids: torch.Tensor | None, s
         scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
         att = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         y = torch.einsum("bhij,bjhd->bihd", att, v).flatten(2)
-        x = x + y @ w("attn.c_proj.weight").T + w("attn.c_proj.bias")
-        m = F.layer_norm(x, (c.n_embd,), w("ln_2.weight"), w("ln_2.bias"))
-        m = F.gelu(m @ w("mlp.c_fc.weight").T + w("mlp.c_fc.bias"), approximate="tanh")
-        x = x + m @ w("mlp.c_proj.weight").T + w("mlp.c_proj.bias")
-    x = F.layer_norm(x, (c.n_embd,), p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
+        x = x + linear(y, prefix + "attn.c_proj")
+        m = norm(x, prefix + "ln_2")
+        if c.ffn == "swiglu":
+            m = linear(F.silu(linear(m, prefix + "mlp.gate_proj")) * linear(m, prefix + "mlp.up_proj"),
+                       prefix + "mlp.down_proj")
+        else:
+            m = linear(F.gelu(linear(m, prefix + "mlp.c_fc"), approximate="tanh"), prefix + "mlp.c_proj")
+        x = x + m
+    x = norm(x, "transformer.ln_f")
     return (x @ p["lm_head.weight"].T)[..., :c.real_vocab_size]
 
 
@@ -302,6 +314,11 @@ def test_too_long_mismatched_or_float_inputs_are_refused():
     (dict(dropout=1.0), "dropout"),
     (dict(label_smoothing=-0.1), "label_smoothing"),
     (dict(n_layer=0), "n_layer"),
+    (dict(normalization="batchnorm"), "normalization must be one of layernorm, rmsnorm"),
+    (dict(ffn="relu"), "ffn must be one of gelu, swiglu"),
+    (dict(ffn="swiglu"), "ffn='swiglu' has no biases"),
+    (dict(ffn_hidden=0), "ffn_hidden"),
+    (dict(norm_eps=0.0), "norm_eps"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(TritonGPTError, match=message):
@@ -372,7 +389,7 @@ def test_set_backends_reresolves_and_is_atomic():
     model.set_backends(linear_cross_entropy="chunked")
     assert model.backend_names()["linear_cross_entropy"] == "chunked" and model.config.linear_cross_entropy == "chunked"
     model.set_backends(backend="auto", attention="auto", linear_cross_entropy="auto")
-    assert model.backend_names() == {op: registry.choose(op) for op in MODEL_OPS}
+    assert model.backend_names() == {op: registry.choose(op) for op in model.config.ops}
     with pytest.raises(TritonGPTError, match="unknown op"):
         model.set_backends(norm="torch")
 

@@ -1,7 +1,9 @@
 """Every registered op, every backend usable here, every quick case of its spec: output and all
 input gradients against the op's reference in float64 (the spec's oracle), and a bitwise-equal
-rerun where the backend claims determinism. Driven by the specs alone, so a new op (and the
-test-only toy op registered in conftest.py) is covered with no edit here.
+rerun where the backend claims determinism. A backend that runs here forward only (its `needs`
+is "cuda-backward") has its output checked, and asking it for gradients must be a clear error.
+Driven by the specs alone, so a new op (and the test-only toy op registered in conftest.py) is
+covered with no edit here.
 
     python -m pytest -q tests/test_ops.py
 """
@@ -14,6 +16,7 @@ import pytest
 import torch
 from _util import assert_rel_close, tol
 
+from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
 from tritongpt.kernels.spec import call, first, grads
 
@@ -23,7 +26,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _params():
     for op in registry.ops():
         for name in registry.backends(op):
-            if registry.usable(op, name, DEVICE):
+            if registry.usable(op, name, DEVICE, backward=False):
                 for i, case in enumerate(registry.spec(op).cases(True)):
                     yield pytest.param(op, name, case, id=f"{op}-{name}-{case.shape.replace(' ', '_')}-{i}")
 
@@ -34,10 +37,16 @@ def test_backend_matches_float64_reference(op, name, case):
     gen = torch.Generator(DEVICE).manual_seed(zlib.crc32(case.shape.encode()))
     inputs = spec.make_inputs(case, torch.float32, DEVICE, gen)
     expected_out, expected_grads = spec.oracle(inputs, torch.float64)
-    fn = registry.resolve(op, name, device=DEVICE)
+    fn = registry.resolve(op, name, device=DEVICE, backward=False)
+    limit = tol(torch.float32, tf32=DEVICE.type == "cuda")
+    if not registry.usable(op, name, DEVICE):  # forward only here
+        with torch.no_grad():
+            assert_rel_close(first(call(fn, inputs)), expected_out, limit, f"{op}/{name} out")
+        with pytest.raises(TritonGPTError, match="backward"):
+            call(fn, inputs)
+        return
     out = call(fn, inputs)
     got = grads(out, inputs)
-    limit = tol(torch.float32, tf32=DEVICE.type == "cuda")
     assert_rel_close(first(out), expected_out, limit, f"{op}/{name} out")
     assert len(got) == len(expected_grads) == len(inputs.args)
     for i, (g, e) in enumerate(zip(got, expected_grads)):

@@ -153,3 +153,40 @@ def test_cli_help_and_errors(tmp_path, capsys):
     (tmp_path / "c.txt").write_text("Hello world\n" * 20)
     assert cli.main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
     assert re.search(r"^train +54 tokens in 1 shards$", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_parquet_gives_the_shards_of_the_same_documents_in_jsonl(tmp_path, small_pieces, monkeypatch):
+    """FineWeb's layout: a string column among others, several row groups; read a few rows at a
+    time (batches straddle row groups), the shards equal those of the same documents as .jsonl."""
+    pa = pytest.importorskip("pyarrow")  # the `parquet` extra
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(prepare_module, "PARQUET_BATCH_ROWS", 3)
+    text = assets.find_asset("tinyshakespeare.txt").read_text()[:60_000]
+    docs = [doc for doc in text.split("\n\n") if doc][:40] + ["", "naïve ünïcode — ok"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    table = pa.table({"id": [f"<urn:{i}>" for i in range(len(docs))], "content": docs,
+                      "score": [float(i) for i in range(len(docs))]})
+    pq.write_table(table, tmp_path / "docs.parquet", row_group_size=7)
+    assert pq.ParquetFile(tmp_path / "docs.parquet").num_row_groups == 6
+    from_jsonl = prepare(tmp_path / "docs.jsonl", tmp_path / "jsonl", workers=1, progress=False)
+    assert cli.main(["prepare", str(tmp_path / "docs.parquet"), "--out", str(tmp_path / "parquet"),
+                     "--text-column", "content", "--workers", "2"]) == 0
+    from_parquet = json.loads((tmp_path / "parquet" / "meta.json").read_text())
+    assert from_parquet["documents"] == from_jsonl["documents"] == {"train": 38, "val": 4}
+    assert from_parquet["tokens"] == from_jsonl["tokens"]
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(split_tokens(tmp_path / "parquet", from_parquet, split),
+                                      split_tokens(tmp_path / "jsonl", from_jsonl, split))
+    enc = get_encoding("gpt2")
+    expected_val = [t for i, doc in enumerate(docs) if (i + 1) % 10 == 0 for t in [EOT, *enc.encode_ordinary(doc)]]
+    np.testing.assert_array_equal(split_tokens(tmp_path / "parquet", from_parquet, "val"), expected_val)
+
+    with pytest.raises(TritonGPTError, match=r"no column 'text' \(columns: id, content, score\)"):
+        prepare(tmp_path / "docs.parquet", tmp_path / "bad", workers=1, progress=False)
+    with pytest.raises(TritonGPTError, match="column 'score' holds double, not strings"):
+        prepare(tmp_path / "docs.parquet", tmp_path / "bad", workers=1, progress=False, text_column="score")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(TritonGPTError, match="broken.parquet: not a readable Parquet file"):
+        prepare(tmp_path / "broken.parquet", tmp_path / "bad", workers=1, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -103,7 +103,7 @@ def test_registry_loads_the_builtin_backends_itself():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     expected = {"attention:triton", "attention:sdpa", "layer_norm:triton", "mlp:triton", "mlp:torch",
-                "linear_cross_entropy:chunked", "linear_cross_entropy:triton"}
+                "linear_cross_entropy:chunked", "linear_cross_entropy:triton", "swiglu_mlp:torch", "swiglu_mlp:triton"}
     assert expected <= set(out.stdout.split())
 
 
@@ -120,9 +120,10 @@ def test_a_new_spec_file_is_an_op_and_nothing_else_is(tmp_path):
 def test_the_builtin_ops_are_the_spec_files_of_the_kernels_folder():
     modules = registry.op_modules(registry.KERNELS_DIR, registry.KERNELS_PACKAGE)
     assert [name.removeprefix("tritongpt.kernels.") for name in modules] == [
-        "attention_spec", "layer_norm_spec", "linear_cross_entropy_spec", "mlp_spec",
-        "attention_backends", "attention", "layer_norm_backends", "layer_norm",
-        "linear_cross_entropy_backends", "linear_cross_entropy", "mlp"]
+        "attention_spec", "layer_norm_spec", "linear_cross_entropy_spec", "mlp_spec", "rms_norm_spec",
+        "swiglu_mlp_spec", "attention_backends", "attention", "layer_norm_backends", "layer_norm",
+        "linear_cross_entropy_backends", "linear_cross_entropy", "mlp", "rms_norm_backends", "rms_norm",
+        "swiglu_mlp_backends", "swiglu_mlp"]
 
 
 def test_every_op_has_torch_and_auto_resolves(triton_here):

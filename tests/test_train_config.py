@@ -134,7 +134,7 @@ def test_train_help_lists_the_variable_of_every_op_the_model_calls(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())  # the epilog is wrapped
-    for name in (*MODEL_OPS, registry.GLOBAL):
+    for name in (*MODEL_OPS, registry.EVERY_OP):
         variable = registry.env_var(name)
         assert variable in help_text, variable
         chosen = config.resolve({"preset": "tiny"}, env={variable: "torch"})

@@ -60,6 +60,44 @@ def test_a_wrong_plugin_backend_fails_verify_by_name(tmp_path):
     assert len(failed) == 1 and "attention backend sloppy" in failed[0] and "err_out" in failed[0]
 
 
+def test_a_plugin_whose_backward_raises_fails_verify_and_declared_inability_does_not(tmp_path):
+    """Only the project's error (an unsupported shape or dtype) and out of memory are "cannot run":
+    a backend whose forward is right and whose backward raises RuntimeError fails, with its message."""
+    env = install_plugin(tmp_path / "site", "fragile-attention", "fragile:register", "fragile", """
+        import torch
+
+        from tritongpt.errors import TritonGPTError
+
+        def register(registry):
+            reference = registry.resolve("attention", "torch")
+
+            class Fragile(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, q, k, v):
+                    return reference(q, k, v)
+
+                @staticmethod
+                def backward(ctx, dout):
+                    raise RuntimeError("fragile backward is broken")
+
+            def fragile(q, k, v, causal=True, softmax_scale=None, window=None, doc_ids=None):
+                return Fragile.apply(q, k, v)
+
+            def picky(q, k, v, causal=True, softmax_scale=None, window=None, doc_ids=None):
+                raise TritonGPTError("attention: picky backend supports no shape here")
+
+            registry.register("attention", "fragile", fragile)
+            registry.register("attention", "picky", picky)
+        """)
+    done = tritongpt("verify", "--no-compile", env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and "attention backend fragile" in failed[0], done.stdout
+    assert "RuntimeError: fragile backward is broken" in failed[0]
+    picky = [line for line in done.stdout.splitlines() if " picky " in line]
+    assert picky and all("cannot run" in line and "TritonGPTError" in line for line in picky), done.stdout
+
+
 # ---- the measured auto: decision logic with injected timings ---------------------------------
 
 SHAPE = GPTConfig.from_preset("tiny").shape(2)

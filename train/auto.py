@@ -3,7 +3,7 @@ of its usable backends that is also correct, at that model's shapes and dtype.
 
     tritongpt train --preset gpt2                  # prints e.g. "attention: triton 1.42 ms, sdpa 1.61 ms -> triton"
 
-For every op the model calls (MODEL_OPS) whose choice is `auto` (no flag, variable or config
+For every op the model calls (GPTConfig.ops) whose choice is `auto` (no flag, variable or config
 key names a backend for it): each backend usable on the device runs forward + backward on the
 op's model-shaped inputs (its spec's first model case), is checked against the op's reference
 (the rule of `tritongpt verify`: the dtype's tolerance and at most 2x PyTorch's own error) and
@@ -32,17 +32,18 @@ from tritongpt.files import atomic_write_bytes
 from tritongpt.kernels import registry
 from tritongpt.kernels.measure import Timer, check
 from tritongpt.kernels.spec import ModelShape, dtype_name
-from tritongpt.model.config import MODEL_OPS, GPTConfig
+from tritongpt.model.config import GPTConfig
 
 CACHE_FILE = "auto_backends.json"
 
 
 def resolve_backends(config: GPTConfig, device: torch.device, *, batch: int | None = None,
                      dtype: torch.dtype | None = None, log: Callable[[str], None] = print) -> GPTConfig:
-    """`config` with each op's backend a registered name usable on `device`. Ops left on auto are
+    """`config` with the backend of each op it calls (config.ops) a registered name usable on
+    `device`; the fields of the ops it does not call are left as they are. Ops left on auto are
     measured on CUDA when `batch` and `dtype` are given (under torchrun rank 0 measures and every
     rank takes its choices); otherwise auto is the registry's."""
-    auto_ops = [op for op in MODEL_OPS if (getattr(config, op) or config.backend or registry.AUTO) == registry.AUTO]
+    auto_ops = [op for op in config.ops if (getattr(config, op) or config.backend or registry.AUTO) == registry.AUTO]
     measured: dict[str, str] = {}
     if auto_ops and batch and dtype is not None and device.type == "cuda" and not registry.interpreting():
         shared = dist.is_available() and dist.is_initialized()
@@ -55,7 +56,7 @@ def resolve_backends(config: GPTConfig, device: torch.device, *, batch: int | No
             measured = box[0]
     return dataclasses.replace(config, **{op: measured.get(op) or registry.choose(op, getattr(config, op),
                                                                                   config.backend, device)
-                                          for op in MODEL_OPS})
+                                          for op in config.ops})
 
 
 @dataclass(frozen=True)

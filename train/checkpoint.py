@@ -20,25 +20,53 @@ Python values, so it loads with `torch.load(weights_only=True)`.
 A state holding a NaN or an infinity is never written, and pruning keeps the checkpoint just
 written (so the newest good state is never deleted). `newest_good` finds the checkpoint to resume
 from: the newest one that loads and is finite, naming each newer one passed over.
+
+Under --parallel fsdp a checkpoint is a directory `RUN_DIR/ckpt_{step:07d}/`: the model and
+optimizer as a torch.distributed.checkpoint (DCP) of FQN-keyed state dicts, every rank writing
+its own shards, plus `train_state.pt` (the rest of the dict above, written by rank 0). All ranks
+write into `.ckpt_{step:07d}.staging/` (a name no lookup lists), DCP fsyncs its files, and rank 0
+adds train_state.pt and renames the directory into place: a kill -9 at any moment leaves the
+previous checkpoints as they were, and a directory named ckpt_* is always complete. Finite-only
+holds as for files (each rank checks its shards before anything is written). DCP reshards on
+load, so a run resumes at another world size (`load_sharded_into`); `load` consolidates one into
+the single-file dict (full tensors, the optimizer keyed by parameter index as
+`optimizer.state_dict()` keys it), which is how `sample`, `eval` and `export` read it and how
+`export --consolidate` writes it as a ckpt_*.pt file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
+import shutil
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.tensor import DTensor
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.files import atomic_write
+from tritongpt.files import atomic_write, fsync_dir, temp_sibling
 from tritongpt.model.config import MODEL_OPS, GPTConfig
 from tritongpt.model.gpt import GPT
 
-_NAME = re.compile(r"^ckpt_(\d{7,})\.pt$")
+_NAME = re.compile(r"^ckpt_(\d{7,})(\.pt)?$")  # a file ckpt_N.pt, or (sharded) a directory ckpt_N
+TRAIN_STATE = "train_state.pt"  # in a sharded checkpoint: everything but the model and optimizer
 # old key -> its name now, read in checkpoints, TOML files and flags written before the rename
 LEGACY_KEYS = {"norm": "layer_norm"}
 
@@ -47,13 +75,25 @@ def path_for(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:07d}.pt"
 
 
+def sharded_path_for(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt_{step:07d}"
+
+
+def is_sharded(path: str | Path) -> bool:
+    """True for a sharded (DCP) checkpoint directory."""
+    path = Path(path)
+    return bool(_NAME.match(path.name)) and path.is_dir() and (path / TRAIN_STATE).is_file()
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """The finished checkpoints in `run_dir`, oldest first (temporary files are not listed)."""
+    """The finished checkpoints in `run_dir` (files and sharded directories), oldest first
+    (temporary files and staging directories are not listed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p.is_dir(), p) for p in run_dir.iterdir()
+             if (m := _NAME.match(p.name)) and (p.is_dir() if m.group(2) is None else p.is_file())]
+    return [p for _, _, p in sorted(found)]
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -71,28 +111,45 @@ def save(run_dir: str | Path, state: dict[str, Any], keep: int | None = None) ->
     `keep` checkpoints up to it. A state with a non-finite tensor, or a write that fails, is a
     TritonGPTError naming the file; the checkpoints already there are untouched."""
     run_dir = Path(run_dir)
-    final = path_for(run_dir, state["step"])
-    bad = nonfinite_tensors(state)
-    if bad:
-        raise TritonGPTError(f"not writing checkpoint {final}: non-finite values in {_names(bad)}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(final, lambda fh: torch.save(state, fh))
-    except OSError as exc:
-        raise TritonGPTError(f"cannot write checkpoint {final}: {exc.strerror or exc}; the checkpoints already "
-                             f"in {run_dir} are intact") from exc
+    final = write_file(path_for(run_dir, state["step"]), state)
     if keep is not None:
         prune(run_dir, final, keep)
     return final
+
+
+def write_file(path: str | Path, state: dict[str, Any], overwrite: bool = True) -> Path:
+    """Write `state` as the single-file checkpoint `path` (atomically; finite states only)."""
+    path = Path(path)
+    require_finite(state, path)
+    if path.exists() and not overwrite:
+        raise TritonGPTError(f"{path} exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda fh: torch.save(state, fh))
+    except OSError as exc:
+        raise TritonGPTError(f"cannot write checkpoint {path}: {exc.strerror or exc}; the checkpoints already "
+                             f"in {path.parent} are intact") from exc
+    return path
 
 
 def prune(run_dir: Path, newest: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints up to `newest`, the one just written (finite
     and complete, so never deleted). Later steps are left alone: they belong to a run that was
     resumed from before them (they failed to load, or are overwritten as the run gets there)."""
-    up_to = [p for p in checkpoints(run_dir) if step_of(p) <= step_of(newest)]
-    for old in up_to[:-keep]:
-        old.unlink(missing_ok=True)
+    older = [p for p in checkpoints(run_dir) if step_of(p) <= step_of(newest) and p != newest]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def require_finite(state: Any, path: Path) -> None:
+    """A TritonGPTError naming `path` (the checkpoint not written) when `state` holds a non-finite
+    value (under FSDP: in this rank's shards)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise TritonGPTError(f"not writing checkpoint {path}: non-finite values in {_names(bad)}")
 
 
 def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
@@ -107,6 +164,8 @@ def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
 
 
 def _float_tensors(value: Any, name: str, found: list[tuple[str, torch.Tensor]]) -> None:
+    if isinstance(value, DTensor):  # a shard: this rank checks its own part
+        value = value.to_local()
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex():
             found.append((name, value))
@@ -160,13 +219,16 @@ def newest_config(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint dict at `path`: a checkpoint file, or a run directory (its newest one)."""
+    """The checkpoint dict at `path`: a checkpoint file, a sharded checkpoint directory
+    (consolidated: full tensors), or a run directory (its newest checkpoint)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         newest = latest(path)
         if newest is None:
-            raise TritonGPTError(f"no checkpoint (ckpt_*.pt) in {path}")
+            raise TritonGPTError(f"no checkpoint (ckpt_*.pt or a sharded ckpt_* directory) in {path}")
         path = newest
+    if is_sharded(path):
+        return consolidate(path, device)
     if not path.is_file():
         raise TritonGPTError(f"checkpoint {path} does not exist")
     try:
@@ -176,7 +238,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The flat config stored in a checkpoint file, without reading its tensors (mmap)."""
+    """The flat config stored in a checkpoint, without reading its tensors (mmap)."""
+    if is_sharded(path):
+        return config_of(read_train_state(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -193,6 +257,131 @@ def config_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     for op, name in ckpt.get("backends", {}).items():  # what the run actually used
         flat[op] = name
     return flat
+
+
+# --- sharded (DCP) checkpoints ---------------------------------------------------------------
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What DCP saves and loads of a run: the model's and optimizer's state dicts keyed by
+    parameter names, each tensor this rank's shard (a DTensor under FSDP, a plain tensor else)."""
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def staging_path_for(run_dir: str | Path, step: int) -> Path:
+    """Where every rank writes the sharded checkpoint of `step` before it is renamed into place."""
+    return Path(run_dir) / f".ckpt_{step:07d}.staging"
+
+
+def begin_sharded(run_dir: str | Path, step: int) -> Path:
+    """Rank 0, before any rank writes: an empty staging directory for `step` (a stale one,
+    left by a killed save, is removed)."""
+    staging = staging_path_for(run_dir, step)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise TritonGPTError(f"cannot write checkpoint {sharded_path_for(run_dir, step)}: "
+                             f"{exc.strerror or exc}") from exc
+    return staging
+
+
+def write_shards(staging: Path, state: dict[str, Any], async_group: Any = None) -> Future | None:
+    """Every rank: write this rank's shards of `state` (see sharded_state) into `staging` — at
+    once, or with `async_group` (a process group of its own, so the background writes never
+    interleave with training's collectives) in a background thread, returning its Future. The
+    files are fsynced; the caller checks finiteness first (nonfinite_tensors, agreed by all ranks)."""
+    try:
+        if async_group is None:
+            dcp.save(state, checkpoint_id=staging)
+            return None
+        return dcp.async_save(state, checkpoint_id=staging, process_group=async_group)
+    except (Exception, CheckpointException) as exc:  # DCP gathers every rank's failure into a CheckpointException
+        raise TritonGPTError(f"cannot write checkpoint shards in {staging}: {exc}") from exc
+
+
+def finish_sharded(run_dir: str | Path, staging: Path, train_state: dict[str, Any], keep: int | None) -> Path:
+    """Rank 0, once every rank's shards are written: add train_state.pt (step, config, scaler,
+    rng, loader, guard, ...), rename the staging directory to ckpt_{step:07d}, prune as `save`."""
+    run_dir = Path(run_dir)
+    final = sharded_path_for(run_dir, train_state["step"])
+    require_finite(train_state, final)
+    try:
+        atomic_write(staging / TRAIN_STATE, lambda fh: torch.save(train_state, fh))
+        fsync_dir(staging)
+        if final.exists():  # a later step of a run resumed from before it: replaced only now
+            old = temp_sibling(final)
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(final)
+        fsync_dir(run_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TritonGPTError(f"cannot write checkpoint {final}: {exc.strerror or exc}; the checkpoints already "
+                             f"in {run_dir} are intact") from exc
+    if keep is not None:
+        prune(run_dir, final, keep)
+    return final
+
+
+def read_train_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """train_state.pt of a sharded checkpoint: the checkpoint dict without model and optimizer."""
+    try:
+        return torch.load(Path(path) / TRAIN_STATE, map_location=device, weights_only=True)
+    except Exception as exc:  # unpickling errors have no common base class
+        raise TritonGPTError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def load_sharded_into(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      any_rank: Callable[[bool], bool] = bool, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Every rank (a collective under torch.distributed): load the sharded checkpoint at `path`
+    into `model` and `optimizer` — FSDP-sharded or not, at any world size (DCP reads the parts of
+    the saved shards each rank now holds) — and return its train_state. A damaged or non-finite
+    checkpoint is a TritonGPTError (on every rank alike, as DCP gathers failures) and may leave
+    the model partly loaded: load another one over it."""
+    train_state = read_train_state(path, device)
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as exc:  # the latter is a BaseException
+        raise TritonGPTError(f"cannot read checkpoint {path}: {exc}") from exc
+    bad = nonfinite_tensors(state)  # this rank's shards; `any_rank` (True everywhere if on some rank) agrees
+    if any_rank(bool(bad)):
+        raise TritonGPTError(f"checkpoint {path} holds non-finite values" + (f" in {_names(bad)}" if bad else ""))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return train_state
+
+
+def consolidate(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The single-file checkpoint dict of the sharded checkpoint at `path`, read in this process
+    alone (no process group needed): full tensors, the optimizer keyed by index."""
+    ckpt = read_train_state(path, device)
+    full: dict[str, Any] = {}
+    try:  # what the public dcp_to_torch_save does, without writing a file
+        _load_state_dict(full, storage_reader=dcp.FileSystemReader(os.fspath(path)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        raise TritonGPTError(f"cannot read checkpoint {path}: {exc}") from exc
+    model = {k: v.to(device) for k, v in full["model"].items()}
+    return {**ckpt, "model": model, "optimizer": indexed_optimizer_state(full["optimizer"])}
+
+
+def indexed_optimizer_state(by_name: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names (get_optimizer_state_dict's) keyed by
+    index instead, as optimizer.state_dict() does: parameters numbered in param_groups order."""
+    groups, state, index = [], {}, 0
+    for group in by_name["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            if name in by_name["state"]:
+                state[index] = by_name["state"][name]
+            ids.append(index)
+            index += 1
+        groups.append({**group, "params": ids})
+    return {"state": state, "param_groups": groups}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any):

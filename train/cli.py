@@ -11,8 +11,9 @@ Settings resolve as defaults < --preset < --config TOML < flags. Every field of 
 settings) and GPTConfig (the model) is a flag below and a TOML key (underscores: n_layer = 4).
 Boolean flags alone mean true (--compile); give false to turn one off (--bias false). Optional
 values take `none`. OUT receives config.json, metrics.jsonl, ckpt_*.pt and loss.png.
-The environment variables listed at the end (one per op the model calls, and TRITONGPT_BACKEND)
-choose backends that no flag or file sets (a per-op variable beats --backend).
+The environment variables listed at the end (one per op a model can call, and TRITONGPT_BACKEND)
+choose backends that no flag or file sets (a per-op variable beats --backend); a model uses those
+of the ops it calls (the norm of --normalization, the MLP of --ffn) and ignores the others.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                metavar=config.metavar(name), help=config.help_text(name), **extra)
     for old, name in LEGACY_KEYS.items():  # old spellings still work, unlisted
         parser.add_argument("--" + old.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    # the variables config.resolve reads: one per op the model calls (MODEL_OPS), then TRITONGPT_BACKEND
-    names = ", ".join(registry.env_var(name) for name in (*MODEL_OPS, registry.GLOBAL))
+    # the variables config.resolve reads: one per op a model can call (MODEL_OPS), then TRITONGPT_BACKEND
+    names = ", ".join(registry.env_var(name) for name in (*MODEL_OPS, registry.EVERY_OP))
     parser.epilog = textwrap.fill("environment variables: " + names, width=100)
 
 

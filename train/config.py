@@ -32,6 +32,7 @@ from tritongpt.kernels import registry
 from tritongpt.model.config import MODEL_OPS, PRESETS, GPTConfig, check_preset
 from tritongpt.train import checkpoint, init_from
 from tritongpt.train.checkpoint import LEGACY_KEYS
+from tritongpt.train.parallel import Parallel
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -51,8 +52,9 @@ class TrainConfig:
                              "gpt2 on CUDA)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out (its settings, then --config and "
                              "flags on top)")
-    init_from: str | None = _f(None, "start from weights: hf:DIR (a Hugging Face GPT-2 directory) or ckpt:PATH (a "
-                                     "tritongpt checkpoint or run directory); the model settings come from it, "
+    init_from: str | None = _f(None, "start from weights: hf:DIR (a Hugging Face GPT-2 or Llama directory) or "
+                                     "ckpt:PATH (a tritongpt checkpoint or run directory); the model settings come "
+                                     "from it, "
                                      "the optimizer and schedule start fresh")
     # batch: tokens per optimizer step = batch_size * block_size * grad_accum * world_size
     batch_size: int = _f(8, "sequences per micro-batch, per rank")
@@ -91,6 +93,14 @@ class TrainConfig:
     dtype: Dtype = _f("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with grad "
                               "scaling) or fp32")
     compile: bool = _f(False, "torch.compile the model")
+    # how the model is spread over the ranks (train/parallel.py) and how checkpoints are written
+    parallel: Parallel = _f("auto", "ddp (replicas; auto under torchrun) or fsdp (FSDP2: parameters, gradients "
+                                    "and optimizer state sharded, checkpoints as sharded DCP directories)")
+    reshard_after_forward: bool = _f(True, "fsdp: free each block's gathered parameters after its forward "
+                                           "(gather again for the backward: less memory, more communication)")
+    cpu_offload: bool = _f(False, "fsdp: keep the parameter shards, gradients and optimizer state in host memory")
+    async_ckpt: bool = _f(False, "fsdp: write checkpoints in the background (dcp.async_save) while training goes "
+                                 "on")
     doc_mask: bool = _f(False, "attend only within a document (doc ids from the eot tokens in each batch)")
     peak_tflops: float | None = _f(None, "the GPU's dense peak TFLOP/s in the autocast dtype, for MFU (default: "
                                          "the table in train/mfu.py)")
@@ -128,6 +138,9 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                  eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=150),
     "small": dict(batch_size=8, max_steps=600, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                   eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=200),
+    "llama-tiny": dict(batch_size=8, max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                       eval_interval=100, eval_steps=10, log_interval=10, ckpt_interval=150),
+    "smollm-135m": {**_GPT2_RUN, "batch_size": 4, "grad_accum": 4, "dropout": 0.0},  # 2048 positions per row
     "gpt2": _GPT2_RUN,
     "gpt2-medium": {**_GPT2_RUN, "lr": 3e-4, "min_lr": 3e-5},
     "gpt2-large": {**_GPT2_RUN, "batch_size": 8, "grad_accum": 2, "lr": 2.5e-4, "min_lr": 2.5e-5},
@@ -169,13 +182,13 @@ def resolve(flags: dict[str, str] | None = None, toml_path: str | Path | None = 
         values.update(layer)
     values["preset"] = preset
     for name, choice in registry.env_choices(env or {}).items():
-        if name in (*MODEL_OPS, registry.GLOBAL) and values.get(name) is None:
+        if name in (*MODEL_OPS, registry.EVERY_OP) and values.get(name) is None:
             values[name] = choice
     run = {k: v for k, v in values.items() if k in RUN_FIELDS}
     model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     if values.get("init_from") and not base:  # the model is the source's; given settings may change a few
         given = {k: v for layer in (from_file, flags) for k, v in layer.items() if k in MODEL_FIELDS}
-        given.update({k: values[k] for k in (*MODEL_OPS, registry.GLOBAL) if values.get(k) is not None})
+        given.update({k: values[k] for k in (*MODEL_OPS, registry.EVERY_OP) if values.get(k) is not None})
         model = init_from.merge(init_from.source_config(values["init_from"]), given)
     try:
         model_config = GPTConfig(**model) if base or values.get("init_from") else GPTConfig.from_preset(preset,
@@ -360,6 +373,9 @@ def validate(cfg: TrainConfig) -> None:
         init_from.parse(cfg.init_from)
     if cfg.spike_window < 2:
         raise TritonGPTError(f"spike_window must be >= 2, got {cfg.spike_window}")
+    for key in ("cpu_offload", "async_ckpt"):
+        if getattr(cfg, key) and cfg.parallel != "fsdp":
+            raise TritonGPTError(f"{key} needs --parallel fsdp (parallel is {cfg.parallel})")
     if not cfg.lr > 0:
         raise TritonGPTError(f"lr must be > 0, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:

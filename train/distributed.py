@@ -4,8 +4,10 @@
 
 Under torchrun (RANK, LOCAL_RANK and WORLD_SIZE in the environment) `setup` joins the process
 group — nccl when the run is on CUDA, gloo on the CPU — and pins each process to the GPU of its
-local rank. Without torchrun it is a world of one and nothing is initialized. Every collective
-below is a no-op in a world of one, so the training loop calls them unconditionally.
+local rank. Without torchrun it is a world of one and nothing is initialized (but for
+--parallel fsdp, which shards over a process group even of one: it joins a one-process group on
+an in-memory store). Every collective below is a no-op in a world of one, so the training loop
+calls them unconditionally. How the model is spread over the ranks is train/parallel.py's.
 """
 
 from __future__ import annotations
@@ -56,17 +58,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device_name: str = "auto") -> Dist:
-    """Join the torchrun process group if there is one; returns this process's place in it."""
+def setup(device_name: str = "auto", group_of_one: bool = False) -> Dist:
+    """Join the torchrun process group if there is one (with `group_of_one`, a one-process group
+    without torchrun); returns this process's place in it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group_of_one) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(rank, local_rank, world_size, device)
 
 
@@ -78,7 +84,7 @@ def cleanup() -> None:
     global joined_group
     if dist.is_initialized():
         dist.destroy_process_group()
-        joined_group = True
+        joined_group = int(os.environ.get("WORLD_SIZE", "1")) > 1  # not a --parallel fsdp group of one
 
 
 def end_worker(code: int) -> None:

@@ -2,8 +2,9 @@
 
     tritongpt train --init-from hf:path/to/gpt2 --data datasets/shakespeare --lr 3e-5 --max-steps 200
     tritongpt train --init-from ckpt:runs/small --out runs/small-ft       # weights only: fresh optimizer, step 0
+    tritongpt train --init-from hf:path/to/SmolLM2-135M --data DIR --block-size 2048   # a LlamaForCausalLM
 
-The model's settings come from the source (a Hugging Face GPT-2 directory, as `sample --hf`
+The model's settings come from the source (a Hugging Face GPT-2 or Llama directory, as `sample --hf`
 reads, or a tritongpt checkpoint file or run directory). Settings that may differ from the
 source (CHANGEABLE: dropout, label smoothing, a smaller block_size, the backends) are applied; any
 other model setting given in a flag or config file that contradicts the source is one error
@@ -32,8 +33,8 @@ def parse(spec: str) -> tuple[str, Path]:
     """("hf" | "ckpt", path) of an --init-from value."""
     kind, sep, path = spec.partition(":")
     require(bool(sep) and kind in KINDS and path,
-            f"init_from must be hf:DIR (a Hugging Face GPT-2 directory) or ckpt:PATH (a tritongpt checkpoint or run "
-            f"directory), got {spec!r}")
+            f"init_from must be hf:DIR (a Hugging Face GPT-2 or Llama directory) or ckpt:PATH (a tritongpt "
+            f"checkpoint or run directory), got {spec!r}")
     return kind, Path(path).expanduser()
 
 

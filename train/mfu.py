@@ -6,6 +6,9 @@ PEAK_FLOPS holds each card's dense (no 2:4 sparsity) peak by autocast dtype: bf1
 accumulation, which is what training uses (GeForce cards run fp16-accumulate twice as fast, not
 counted), and TF32 for fp32 runs (torch.set_float32_matmul_precision("high")). The first
 substring of torch.cuda.get_device_name() that matches wins, so longer names come first.
+The model FLOPs per token are GPT.flops_per_token: 6 N over the parameters as built (SwiGLU's
+three matrices, grouped-query attention's narrower k/v projections, bias-free RMSNorm gains)
+plus attention's score and value matmuls.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     tritongpt sample --ckpt out/ --prompt "ROMEO:" --max-new-tokens 200
     tritongpt sample --ckpt out/ckpt_0000500.pt --temperature 0 --max-new-tokens 50   # greedy
     tritongpt sample --hf path/to/gpt2 --prompt "Hello, I'm a language model," --top-p 0.9
+    tritongpt sample --hf path/to/SmolLM2-135M --prompt "Gravity is"    # a Llama, its tokenizer.json
 
 Tokens are printed as they are generated. A token can end in the middle of a UTF-8 character
 (GPT-2's byte-level BPE); its bytes wait until the character is complete.
@@ -15,6 +16,7 @@ import codecs
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -29,7 +31,10 @@ from tritongpt.train.distributed import resolve_device
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", metavar="PATH", help="run directory (its newest checkpoint) or a ckpt_*.pt file")
-    source.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 directory (config.json + weights)")
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face GPT-2 or Llama directory (config.json + weights)")
+    parser.add_argument("--tokenizer", metavar="NAME", help="gpt2 (tiktoken) or hf:DIR (a tokenizer.json); default: "
+                                                            "the checkpoint's, or for --hf the directory's "
+                                                            "tokenizer.json if it has one, else gpt2")
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
@@ -46,10 +51,11 @@ def run(args: argparse.Namespace) -> int:
     if args.ckpt:
         ckpt = checkpoint.load(args.ckpt, "cpu")
         model = checkpoint.model_from(ckpt, device, source=args.ckpt, **backends)
-        enc = get_encoding(ckpt.get("tokenizer", "gpt2"))
+        enc = get_encoding(args.tokenizer or ckpt.get("tokenizer", "gpt2"))
     else:
         model = load_hf(args.hf, **backends).to(device).eval()
-        enc = get_encoding("gpt2")
+        own = f"hf:{args.hf}" if (Path(args.hf) / "tokenizer.json").is_file() else "gpt2"
+        enc = get_encoding(args.tokenizer or own)
     prompt = enc.encode(args.prompt, allowed_special="all") if args.prompt else [enc.eot_token]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -75,8 +81,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def backend_choices(args: argparse.Namespace) -> dict[str, str]:
     """{op or "backend": name} from the flags, then the TRITONGPT_* variables (the command line's edge)."""
-    given = {k: getattr(args, k) for k in (*MODEL_OPS, registry.GLOBAL) if getattr(args, k)}
-    from_env = {k: v for k, v in registry.env_choices(os.environ).items() if k in (*MODEL_OPS, registry.GLOBAL)}
+    given = {k: getattr(args, k) for k in (*MODEL_OPS, registry.EVERY_OP) if getattr(args, k)}
+    from_env = {k: v for k, v in registry.env_choices(os.environ).items() if k in (*MODEL_OPS, registry.EVERY_OP)}
     return {**from_env, **given}
 
 

@@ -1,4 +1,4 @@
-"""The training loop: schedule, accumulation, autocast, eval, logging, checkpoints, DDP.
+"""The training loop: schedule, accumulation, autocast, eval, logging, checkpoints, DDP/FSDP.
 
     tritongpt train                                    # tinyshakespeare, a preset sized for the device
     tritongpt train --data data/fineweb --preset gpt2 --out runs/gpt2 --compile
@@ -9,15 +9,17 @@ One optimizer step = grad_accum micro-batches per rank, each (batch_size, block_
 under autocast (bf16 on CUDA; fp16 with a GradScaler; fp32 off). AdamW from
 model.configure_optimizer, linear warmup then cosine to min_lr, global-norm gradient clipping;
 the update is applied unless the guard (train/guard.py) skips it. Under torchrun the model is
-wrapped in DistributedDataParallel and each rank reads its own part of every batch (the loader's
-rank/world_size); rank 0 prints and writes OUT (metrics: train/metrics.py). SIGINT/SIGTERM
+wrapped in DistributedDataParallel, or with --parallel fsdp sharded by FSDP2 (train/parallel.py),
+and each rank reads its own part of every batch (the loader's rank/world_size); rank 0 prints and
+writes OUT (metrics: train/metrics.py). Under FSDP every rank writes its shards of each checkpoint
+(a DCP directory, optionally in the background with --async-ckpt: train/checkpoint.py) and the
+sample printed at evaluations comes from a full copy gathered onto rank 0 alone. SIGINT/SIGTERM
 finish the current step, save a checkpoint and exit (a second signal acts as usual). A run starts
 from a checkpoint in OUT (--resume), from --init-from weights (train/init_from.py), or afresh.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from tritongpt.data import assets, prepare
 from tritongpt.data.loader import ShardLoader, doc_ids_from
@@ -38,7 +41,7 @@ from tritongpt.files import atomic_write
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.gpt import GPT
 from tritongpt.progress import Progress
-from tritongpt.train import checkpoint, distributed, init_from
+from tritongpt.train import checkpoint, distributed, init_from, parallel
 from tritongpt.train.auto import resolve_backends
 from tritongpt.train.config import TrainConfig, resolve_dtype
 from tritongpt.train.evaluate import evaluate, task_items
@@ -72,7 +75,7 @@ def default_data(d: distributed.Dist) -> Path:
 def train(cfg: TrainConfig) -> int:
     """Run training as configured; returns the exit code (0; 128 + signal after a signal;
     DIVERGED_EXIT after --max-skipped-steps updates in a row were skipped)."""
-    d = distributed.setup(cfg.device)
+    d = distributed.setup(cfg.device, group_of_one=cfg.parallel == "fsdp")
     try:
         return Trainer(cfg, d).fit()
     finally:
@@ -100,6 +103,12 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, data=data, model=model_config)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = GPT(cfg.model).to(self.device)
+        if newest is None and cfg.init_from:
+            init_from.copy_source_weights(self.model, cfg.init_from)
+        self.mode = parallel.mode_of(cfg.parallel, d)  # "ddp", "fsdp" or None
+        if self.mode == "fsdp":  # before the optimizer, which then holds each rank's shards
+            parallel.shard(self.model, d, param_dtype=None if self.dtype == "fp32" else DTYPES[self.dtype],
+                           reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload)
         # One loader step per optimizer step: the global batch of world_size * grad_accum * batch_size
         # windows depends only on (seed, step); this rank's rows are cut into grad_accum micro-batches.
         # So world_size x grad_accum can be traded for one another without changing what is trained on.
@@ -117,26 +126,25 @@ class Trainer:
             raise TritonGPTError(f"doc_mask needs the eot id of the data; {cfg.data} has no meta.json with eot_id")
         self.optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                         self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
+        # under FSDP each rank sees only its gradient shards: ShardedGradScaler agrees on overflow over all ranks
+        scaler = ShardedGradScaler if self.mode == "fsdp" else torch.amp.GradScaler
+        self.scaler = scaler(self.device.type, enabled=self.dtype == "fp16")
         # fp16 gradients that overflow are the GradScaler's to skip, not a sign of divergence
         self.guard = UpdateGuard(self.device, cfg.max_skipped_steps, cfg.skip_spikes, cfg.spike_window,
                                  count_grad=not self.scaler.is_enabled())
         self.step = 0
         self.newest_ckpt: Path | None = None  # the newest checkpoint known to be good
+        # --async-ckpt: its own process group, so background writes never interleave with training's collectives
+        self.ckpt_group = torch.distributed.new_group(backend="gloo") if cfg.async_ckpt else None
+        self.pending_save: tuple[Any, Path, dict[str, Any]] | None = None  # (future, staging dir, train state)
         if newest is not None:
             self._resume()
-        elif cfg.init_from:
-            init_from.copy_source_weights(self.model, cfg.init_from)
-            torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
         else:
             torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank
 
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if d.enabled:
-            # no buffer is trained or mutated (the sinusoidal table is a constant): skip the per-forward broadcast
-            self.forward = DistributedDataParallel(
-                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        if self.mode == "ddp":
+            self.forward = parallel.replicate(self.forward, d)
         self.peak = peak_flops(self.device, self.dtype, cfg.peak_tflops)
         self.metrics: MetricsLog | None = None  # rank 0's, from fit()
         self.flops_per_token = self.model.flops_per_token()
@@ -163,6 +171,7 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             halted = self._loop()
+            self._finish_pending_save()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -244,16 +253,15 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
             x, y = xs[rows], ys[rows]
-            # DDP all-reduces gradients only on the last micro-batch of the step
-            sync = micro == cfg.grad_accum - 1 or not self.d.enabled
-            with contextlib.nullcontext() if sync else self.forward.no_sync():
+            # gradients are all-reduced (DDP) or reduce-scattered (FSDP) only on the last micro-batch of the step
+            with parallel.gradient_sync(self.mode, self.model, self.forward, sync=micro == cfg.grad_accum - 1):
                 with self._autocast():
                     _, loss = self.forward(x, y, doc_ids=self._doc_ids(x))
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), max_norm)  # the global norm, also under FSDP
         # the loss differs per rank and the gradients are all-reduced already: average both, so the
         # guard sees the same values on every rank (and the grad norm of a world of one unchanged)
         loss, grad_norm = distributed.mean(self.d, torch.stack([loss_sum / cfg.grad_accum, grad_norm.float()]))
@@ -288,20 +296,24 @@ class Trainer:
             with self._autocast():
                 total += self.model(x, y, doc_ids=self._doc_ids(x))[1].float()
         val_loss = distributed.mean(self.d, total / cfg.eval_steps).item()
+        sampler = self._full_model() if cfg.sample_tokens else None  # every rank joins an FSDP gather
         if self.d.is_main:
             self.metrics.write(dict(step=self.step, val_loss=val_loss))
             self.progress.write(f"step {self.step}: val loss {val_loss:.4f}")
             if cfg.sample_tokens:
                 self.progress.write(("final sample" if final else "sample") + ": "
-                                    + self.sample(cfg.sample_tokens).replace("\n", "\n  "))
+                                    + self.sample(cfg.sample_tokens, sampler).replace("\n", "\n  "))
         self.model.train()
 
     def _evaluate_hellaswag(self) -> None:
         """HellaSwag accuracy (llm.c's scoring, train/evaluate.py): each rank scores every
         world_size-th item, the counts are summed."""
-        mine = self.hellaswag[self.d.rank::self.d.world_size]
+        model = self._full_model()
+        # FSDP: rank 0 scores every item on its gathered copy (ranks never run unequal numbers of forwards)
+        mine = (self.hellaswag if self.d.is_main else []) if self.mode == "fsdp" else \
+            self.hellaswag[self.d.rank::self.d.world_size]
         with self._autocast():
-            result = evaluate(self.model, get_encoding(self.tokenizer), mine, self.device) if mine else None
+            result = evaluate(model, get_encoding(self.tokenizer), mine, self.device) if mine else None
         counts = torch.tensor([0.0, 0.0, 0.0] if result is None else
                               [result["items"], result["acc"] * result["items"], result["acc_norm"] * result["items"]],
                               device=self.device, dtype=torch.float64)
@@ -312,57 +324,139 @@ class Trainer:
             self.progress.write(f"step {self.step}: hellaswag acc {record['hellaswag_acc']:.4f}, acc_norm "
                                 f"{record['hellaswag_acc_norm']:.4f} ({items:.0f} items)")
 
-    def sample(self, max_new_tokens: int) -> str:
-        """A sample from the model, starting at the eot token, with a fixed seed (the training RNG
-        is not touched)."""
+    def _full_model(self) -> GPT | None:
+        """The model to sample or score with on this rank: the model itself, or under FSDP (a
+        collective: every rank calls it) a full copy gathered onto rank 0 only (None elsewhere)."""
+        if self.mode != "fsdp":
+            return self.model
+        full = parallel.full_state_dict(self.model)
+        if not self.d.is_main:
+            return None
+        model = GPT(self.cfg.model)
+        model.load_state_dict(full)
+        return model.to(self.device).eval()
+
+    def sample(self, max_new_tokens: int, model: GPT | None = None) -> str:
+        """A sample from `model` (default: the trained one, not under FSDP), starting at the eot
+        token, with a fixed seed (the training RNG is not touched)."""
+        model = model or self.model
         enc = get_encoding(self.tokenizer)
         start = self.eot_id if self.eot_id is not None else enc.eot_token
         idx = torch.tensor([[start]], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         with self._autocast():
-            text = "".join(stream_text(enc, self.model.generate_stream(
+            text = "".join(stream_text(enc, model.generate_stream(
                 idx, max_new_tokens, temperature=0.8, top_k=200, generator=generator)))
-        self.model.train(was_training)
+        model.train(was_training)
         return text
 
     # --- checkpoints ----------------------------------------------------------------------
 
     def _save(self) -> None:
-        """Rank 0 writes the checkpoint; a failure (non-finite state, disk full, no permission)
-        stops every rank with one error naming the file and the newest good checkpoint."""
+        """Rank 0 writes the checkpoint (under FSDP every rank its shards); a failure (non-finite
+        state, disk full, no permission) stops every rank with one error naming the file and the
+        newest good checkpoint."""
         rngs = distributed.gather(self.d, checkpoint.rng_state())
         loaders = distributed.gather(self.d, self.loader.state_dict())
+        train_state = dict(step=self.step, config=self.cfg.to_dict(), scaler=self.scaler.state_dict(), rng=rngs,
+                           loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size,
+                           guard=self.guard.state_dict())
+        if self.mode == "fsdp":
+            self._save_sharded(train_state)
+            return
         error: TritonGPTError | None = None
         if self.d.is_main:
-            state = dict(step=self.step, model=self.model.state_dict(), config=self.cfg.to_dict(),
-                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rngs,
-                         loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size,
-                         guard=self.guard.state_dict())
+            state = dict(train_state, model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
             try:
                 checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
             except TritonGPTError as exc:
                 error = exc
-        if distributed.any_rank(self.d, error is not None):  # also the barrier after the save
+        self._agree_saved(error)  # also the barrier after the save
+        self.newest_ckpt = checkpoint.path_for(self.out, self.step)
+
+    def _save_sharded(self, train_state: dict[str, Any]) -> None:
+        """Every rank writes its shards into the staging directory (in the background with
+        --async-ckpt: the previous background save is finished first); rank 0 renames it into
+        place once all are written (`_finish_pending_save`)."""
+        self._finish_pending_save()
+        error: TritonGPTError | None = None
+        staging = checkpoint.staging_path_for(self.out, self.step)
+        state = checkpoint.sharded_state(self.model, self.optimizer)
+        try:
+            checkpoint.require_finite(state, checkpoint.sharded_path_for(self.out, self.step))
+            if self.d.is_main:
+                checkpoint.begin_sharded(self.out, self.step)
+        except TritonGPTError as exc:
+            error = exc
+        self._agree_saved(error)  # also the barrier: the staging directory exists
+        future = checkpoint.write_shards(staging, state, self.ckpt_group)  # DCP fails on every rank alike
+        self.pending_save = (future, staging, train_state)
+        if future is None:
+            self._finish_pending_save()
+
+    def _finish_pending_save(self) -> None:
+        """Wait for the sharded save in flight (if any); rank 0 then completes it."""
+        if self.pending_save is None:
+            return
+        future, staging, train_state = self.pending_save
+        self.pending_save = None
+        error: TritonGPTError | None = None
+        try:
+            if future is not None:
+                future.result()
+            if self.d.is_main:
+                checkpoint.finish_sharded(self.out, staging, train_state, keep=self.cfg.keep_ckpts)
+        except TritonGPTError as exc:
+            error = exc
+        except (Exception, CheckpointException) as exc:  # the background writer's failure
+            error = TritonGPTError(f"cannot write checkpoint shards in {staging}: {exc}")
+        self._agree_saved(error)
+        self.newest_ckpt = checkpoint.sharded_path_for(self.out, train_state["step"])
+
+    def _agree_saved(self, error: TritonGPTError | None) -> None:
+        """Raise on every rank when a save failed on some rank."""
+        if distributed.any_rank(self.d, error is not None):
             newest = f"newest good checkpoint: {self.newest_ckpt or 'none written'}"
             raise TritonGPTError(f"{error}; {newest}" if error else
-                                 f"rank 0 could not write the checkpoint of step {self.step}; {newest}") from error
-        self.newest_ckpt = checkpoint.path_for(self.out, self.step)
+                                 f"another rank could not write the checkpoint of step {self.step}; {newest}"
+                                 ) from error
 
     def _resume(self) -> None:
         """Restore the newest checkpoint in OUT that loads and is finite, warning about each newer
         one passed over."""
-        path, ckpt, passed_over = checkpoint.newest_good(self.out, "cpu")
+        if self.mode == "fsdp":
+            path, ckpt, passed_over = self._load_newest_sharded()
+        else:
+            path, ckpt, passed_over = checkpoint.newest_good(self.out, "cpu")
+            checkpoint.load_model_state(self.model, ckpt["model"], path)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.d.is_main:
             for problem in passed_over:
                 print(f"warning: passing over {problem}; resuming from {path.name}", file=sys.stderr, flush=True)
         self._restore(ckpt, path)
         self.newest_ckpt = path
 
+    def _load_newest_sharded(self) -> tuple[Path, dict[str, Any], list[str]]:
+        """(path, train state, passed_over) of the newest sharded checkpoint in OUT that every rank
+        loads (DCP reshards it to this world size) into the sharded model and optimizer."""
+        passed_over = []
+        for path in reversed(checkpoint.checkpoints(self.out)):
+            if not checkpoint.is_sharded(path):
+                passed_over.append(f"checkpoint {path}: a single file; --parallel fsdp resumes from sharded "
+                                   f"checkpoints (ckpt_N directories)")
+                continue
+            try:
+                train_state = checkpoint.load_sharded_into(path, self.model, self.optimizer,
+                                                           any_rank=lambda flag: distributed.any_rank(self.d, flag))
+            except TritonGPTError as exc:
+                passed_over.append(str(exc))
+                continue
+            return path, train_state, passed_over
+        raise TritonGPTError(f"no usable checkpoint in {self.out}: " + "; ".join(passed_over))
+
     def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
-        checkpoint.load_model_state(self.model, ckpt["model"], source)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if "guard" in ckpt:  # checkpoints from before the guard start it afresh
             self.guard.load_state_dict(ckpt["guard"])

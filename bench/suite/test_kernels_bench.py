@@ -12,7 +12,10 @@ mode and the work of one call (FLOPs or bytes) so throughput can be computed fro
 Errors against the reference and the device's ceilings are in `tritongpt bench`, not here.
 """
 
+import contextlib
+
 import pytest
+import torch
 
 from tritongpt.bench import sweeps
 from tritongpt.kernels import registry
@@ -30,8 +33,9 @@ def _params():
         for case in registry.spec(op).cases(QUICK):
             for provider in found:
                 reason = provider.note if provider.make is None or not provider.timed else ""
-                marks = [pytest.mark.skip(reason=f"{provider.name}: {reason}")] if reason else []
                 for mode in MODES:
+                    why = reason or ("" if provider.backward or mode == "fwd" else provider.note)  # forward only
+                    marks = [pytest.mark.skip(reason=f"{provider.name}: {why}")] if why else []
                     name = f"{op}-{provider.name}-{case.shape.replace(' ', '_')}-{mode}"
                     yield pytest.param(case, provider, mode, id=name, marks=marks)
 
@@ -46,7 +50,12 @@ def _bench(benchmark, case, provider, mode):
     spec = registry.spec(case.op)
     sets = sweeps.input_sets(spec, case, DTYPE, DEVICE)
     try:
-        run = runner(mode, provider.make(), sets)
+        forward = runner(mode, provider.make(sets[0]), sets)
+        no_grad = not provider.backward  # forward-only providers: fwd rows, no graph to keep
+
+        def run():
+            with torch.no_grad() if no_grad else contextlib.nullcontext():
+                return forward()
         run()  # compiles, autotunes, or fails here rather than inside the timing
     except Exception as exc:  # unsupported case, out of memory: skipped, with the reason
         pytest.skip(describe_error(exc))
