@@ -115,7 +115,8 @@ def test_every_backend_and_step_combination_has_rows(quick_run):
         assert set(registry.backends(op)) <= providers | left_out, (op, providers, left_out)
         assert {n for n in registry.backends(op) if registry.usable(op, n)} <= providers
     tiny_combos = step.combos(GPTConfig.from_preset("tiny").ops, compile=False)
-    assert [r["provider"] for r in rows if r["op"] == "step"] == [c.name for c in tiny_combos] + [step.HF_PLAIN, step.HF_PATCHED]
+    expected = [c.name for c in tiny_combos] + [step.HF_PLAIN, step.HF_PATCHED]
+    assert [r["provider"] for r in rows if r["op"] == "step"] == expected
 
 
 def test_kernel_errors_are_finite_and_within_tolerance(quick_run):
