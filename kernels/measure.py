@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tritongpt.kernels.spec import Inputs, call, first, grads, rel_err, tolerance
+from tritongpt.kernels.spec import Inputs, call, describe_mismatch, first, grads, rel_err, tolerance
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -102,6 +102,16 @@ def errors(out: object, gradients: tuple[torch.Tensor, ...], reference: tuple[to
             "err_grad": max((rel_err(g, r) for g, r in zip(gradients, ref_grads)), default=0.0)}
 
 
+def worst_mismatch(out: object, gradients: tuple[torch.Tensor, ...],
+                   reference: tuple[torch.Tensor, list[torch.Tensor]], limit: float) -> str:
+    """Which tensor (the output or input gradient i) is furthest from `reference`, and its
+    describe_mismatch at relative `limit`."""
+    pairs = [("output", first(out), reference[0])] + [
+        (f"grad {i}", g, r) for i, (g, r) in enumerate(zip(gradients, reference[1]))]
+    name, actual, expected = max(pairs, key=lambda p: rel_err(p[1], p[2]))
+    return f"{name}: {describe_mismatch(actual, expected, limit)}"
+
+
 def errors_ok(errs: dict[str, float], dtype: torch.dtype, device: torch.device,
               baseline: dict[str, float] | None = None) -> tuple[bool, str]:
     """(passes, why not): each error within the dtype's tolerance (tf32 for fp32 on a GPU) and, for
@@ -147,13 +157,16 @@ def check(fn: Callable, inputs: Inputs, reference: tuple[torch.Tensor, list[torc
     result.ran = True
     result.errors = errors(out, gradients, reference)
     result.ok, result.why = errors_ok(result.errors, dtype, device, baseline)
+    if not result.ok:
+        result.why += f" ({worst_mismatch(out, gradients, reference, tolerance(dtype, tf32=device.type == 'cuda'))})"
     try:
         if claims_determinism:
             again = call(fn, inputs)
             result.deterministic = torch.equal(first(again), first(out)) and all(
                 torch.equal(a, b) for a, b in zip(grads(again, inputs), gradients))
             if not result.deterministic:
-                result.ok, result.why = False, result.why or "claims determinism, but a rerun differs"
+                rerun = worst_mismatch(again, grads(again, inputs), (first(out), list(gradients)), 0.0)
+                result.ok, result.why = False, result.why or f"claims determinism, but a rerun differs ({rerun})"
         del out, gradients
         if timer is not None and result.ok:
             result.ms = timer(runner("fwd+bwd", fn, [inputs]))

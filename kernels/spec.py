@@ -51,6 +51,20 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() if e.numel() else 0.0
 
 
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, limit: float, shown: int = 3) -> str:
+    """llm.c's failure print: the first `shown` elements whose |actual - expected| exceeds `limit`
+    x max |expected| (the rel_err rule), then the largest difference and where it is."""
+    a, e = actual.detach().double().reshape(expected.shape), expected.detach().double()
+    diff = (a - e).abs().nan_to_num(nan=math.inf)
+    bad = (diff > limit * e.abs().max().clamp_min(1e-30)).nonzero()[:shown].tolist()
+    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+
+    def at(index: list[int] | tuple[int, ...]) -> str:
+        return f"{tuple(index)} {a[tuple(index)].item():.6g} vs {e[tuple(index)].item():.6g}"
+    first_bad = "; ".join(at(i) for i in bad) or "none"
+    return f"first mismatches {first_bad}; max |diff| {diff.max().item():.3g} at {at(worst)}" if worst else "empty"
+
+
 @contextlib.contextmanager
 def full_fp32_matmuls() -> Iterator[None]:
     """float32 matmuls without tf32 (a process may have allowed it for speed), restored after."""

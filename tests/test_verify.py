@@ -17,6 +17,7 @@ from _util import install_plugin
 
 from tritongpt.bench.report import PHASES, Budget
 from tritongpt.kernels import registry
+from tritongpt.kernels.spec import describe_mismatch
 from tritongpt.model.config import GPTConfig
 from tritongpt.train import auto
 from tritongpt.train.auto import DecisionCache, Timing, choose_backends, fastest
@@ -58,6 +59,19 @@ def test_a_wrong_plugin_backend_fails_verify_by_name(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     failed = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "attention backend sloppy" in failed[0] and "err_out" in failed[0]
+    assert ": first mismatches (" in failed[0] and "max |diff|" in failed[0]
+
+
+def test_a_mismatch_is_described_by_its_first_bad_elements_and_largest_difference():
+    expected = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    actual = expected.clone().float()
+    actual[0, 3] += 0.5  # the first over the limit in row-major order
+    actual[2, 1] += 2.0  # the largest
+    actual[1, 1] += 1e-6  # within limit * max|expected| = 1e-3 * 11
+    text = describe_mismatch(actual, expected, 1e-3)
+    assert text == "first mismatches (0, 3) 3.5 vs 3; (2, 1) 11 vs 9; max |diff| 2 at (2, 1) 11 vs 9"
+    actual[1, 2] = float("nan")
+    assert "(1, 2) nan vs 6" in describe_mismatch(actual, expected, 1e-3)
 
 
 def test_a_plugin_whose_backward_raises_fails_verify_and_declared_inability_does_not(tmp_path):

@@ -19,7 +19,7 @@ fp16) and reduces gradients in fp32; `cpu_offload` keeps the shards and optimize
 memory. Gradient accumulation skips the reduce-scatter until the last micro-batch
 (`gradient_sync`); `clip_grad_norm` returns the global norm over all shards (a plain tensor, the
 same on every rank), so the update guard decides alike everywhere. `full_state_dict` gathers the
-whole model onto rank 0's CPU for sampling there.
+whole model onto rank 0's CPU (`whole_model`: a copy there to sample and score with).
 """
 
 from __future__ import annotations
@@ -99,6 +99,19 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every rank calls it (a collective under FSDP): the whole model's state dict on rank 0's
     CPU, an empty dict on the other ranks (no full copy there)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def whole_model(model: GPT, mode: str | None, d: Dist) -> GPT | None:
+    """The model to sample or score with on this rank: `model` itself, or under FSDP (a
+    collective: every rank calls it) a full copy gathered onto rank 0 only (None elsewhere)."""
+    if mode != "fsdp":
+        return model
+    full = full_state_dict(model)
+    if not d.is_main:
+        return None
+    copy = GPT(model.config)
+    copy.load_state_dict(full)
+    return copy.to(d.device).eval()
 
 
 def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -11,9 +11,9 @@ model.configure_optimizer, linear warmup then cosine to min_lr, global-norm grad
 the update is applied unless the guard (train/guard.py) skips it. Under torchrun the model is
 wrapped in DistributedDataParallel, or with --parallel fsdp sharded by FSDP2 (train/parallel.py),
 and each rank reads its own part of every batch (the loader's rank/world_size); rank 0 prints and
-writes OUT (metrics: train/metrics.py). Under FSDP every rank writes its shards of each checkpoint
-(a DCP directory, optionally in the background with --async-ckpt: train/checkpoint.py) and the
-sample printed at evaluations comes from a full copy gathered onto rank 0 alone. SIGINT/SIGTERM
+writes OUT (metrics: train/metrics.py; checkpoints, under FSDP each rank's shards:
+train/checkpoint_manager.py); under FSDP the sample printed at evaluations comes from a full copy
+gathered onto rank 0 alone. SIGINT/SIGTERM
 finish the current step, save a checkpoint and exit (a second signal acts as usual). A run starts
 from a checkpoint in OUT (--resume), from --init-from weights (train/init_from.py), or afresh.
 """
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from tritongpt.data import assets, prepare
@@ -43,6 +42,7 @@ from tritongpt.model.gpt import GPT
 from tritongpt.progress import Progress
 from tritongpt.train import checkpoint, distributed, init_from, parallel
 from tritongpt.train.auto import resolve_backends
+from tritongpt.train.checkpoint_manager import CheckpointManager
 from tritongpt.train.config import TrainConfig, resolve_dtype
 from tritongpt.train.evaluate import evaluate, task_items
 from tritongpt.train.guard import DIVERGED_EXIT, StepRecord, UpdateGuard, step_unless
@@ -133,10 +133,8 @@ class Trainer:
         self.guard = UpdateGuard(self.device, cfg.max_skipped_steps, cfg.skip_spikes, cfg.spike_window,
                                  count_grad=not self.scaler.is_enabled())
         self.step = 0
-        self.newest_ckpt: Path | None = None  # the newest checkpoint known to be good
-        # --async-ckpt: its own process group, so background writes never interleave with training's collectives
-        self.ckpt_group = torch.distributed.new_group(backend="gloo") if cfg.async_ckpt else None
-        self.pending_save: tuple[Any, Path, dict[str, Any]] | None = None  # (future, staging dir, train state)
+        self.checkpoints = CheckpointManager(self.out, d, self.mode, self.model, self.optimizer,
+                                             keep=cfg.keep_ckpts, async_save=cfg.async_ckpt)
         if newest is not None:
             self._resume()
         else:
@@ -171,7 +169,7 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             halted = self._loop()
-            self._finish_pending_save()
+            self.checkpoints.finish_pending()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -189,7 +187,7 @@ class Trainer:
                 first = halted.step - halted.streak + 1
                 print(f"stopped at step {halted.step}: {halted.streak} updates in a row skipped (steps {first}-"
                       f"{halted.step}; last: {halted.reason()}); newest good checkpoint: "
-                      f"{self.newest_ckpt or 'none written'}", file=sys.stderr, flush=True)
+                      f"{self.checkpoints.newest or 'none written'}", file=sys.stderr, flush=True)
         return 0 if halted is None else DIVERGED_EXIT
 
     def _loop(self) -> StepRecord | None:
@@ -296,7 +294,8 @@ class Trainer:
             with self._autocast():
                 total += self.model(x, y, doc_ids=self._doc_ids(x))[1].float()
         val_loss = distributed.mean(self.d, total / cfg.eval_steps).item()
-        sampler = self._full_model() if cfg.sample_tokens else None  # every rank joins an FSDP gather
+        # every rank joins an FSDP gather
+        sampler = parallel.whole_model(self.model, self.mode, self.d) if cfg.sample_tokens else None
         if self.d.is_main:
             self.metrics.write(dict(step=self.step, val_loss=val_loss))
             self.progress.write(f"step {self.step}: val loss {val_loss:.4f}")
@@ -308,7 +307,7 @@ class Trainer:
     def _evaluate_hellaswag(self) -> None:
         """HellaSwag accuracy (llm.c's scoring, train/evaluate.py): each rank scores every
         world_size-th item, the counts are summed."""
-        model = self._full_model()
+        model = parallel.whole_model(self.model, self.mode, self.d)
         # FSDP: rank 0 scores every item on its gathered copy (ranks never run unequal numbers of forwards)
         mine = (self.hellaswag if self.d.is_main else []) if self.mode == "fsdp" else \
             self.hellaswag[self.d.rank::self.d.world_size]
@@ -323,18 +322,6 @@ class Trainer:
             self.metrics.write(record)
             self.progress.write(f"step {self.step}: hellaswag acc {record['hellaswag_acc']:.4f}, acc_norm "
                                 f"{record['hellaswag_acc_norm']:.4f} ({items:.0f} items)")
-
-    def _full_model(self) -> GPT | None:
-        """The model to sample or score with on this rank: the model itself, or under FSDP (a
-        collective: every rank calls it) a full copy gathered onto rank 0 only (None elsewhere)."""
-        if self.mode != "fsdp":
-            return self.model
-        full = parallel.full_state_dict(self.model)
-        if not self.d.is_main:
-            return None
-        model = GPT(self.cfg.model)
-        model.load_state_dict(full)
-        return model.to(self.device).eval()
 
     def sample(self, max_new_tokens: int, model: GPT | None = None) -> str:
         """A sample from `model` (default: the trained one, not under FSDP), starting at the eot
@@ -355,106 +342,22 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------------
 
     def _save(self) -> None:
-        """Rank 0 writes the checkpoint (under FSDP every rank its shards); a failure (non-finite
-        state, disk full, no permission) stops every rank with one error naming the file and the
-        newest good checkpoint."""
+        """The checkpoint of this step (train/checkpoint_manager.py)."""
         rngs = distributed.gather(self.d, checkpoint.rng_state())
         loaders = distributed.gather(self.d, self.loader.state_dict())
         train_state = dict(step=self.step, config=self.cfg.to_dict(), scaler=self.scaler.state_dict(), rng=rngs,
                            loader=loaders, tokenizer=self.tokenizer, world_size=self.d.world_size,
                            guard=self.guard.state_dict())
-        if self.mode == "fsdp":
-            self._save_sharded(train_state)
-            return
-        error: TritonGPTError | None = None
-        if self.d.is_main:
-            state = dict(train_state, model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
-            try:
-                checkpoint.save(self.out, state, keep=self.cfg.keep_ckpts)
-            except TritonGPTError as exc:
-                error = exc
-        self._agree_saved(error)  # also the barrier after the save
-        self.newest_ckpt = checkpoint.path_for(self.out, self.step)
-
-    def _save_sharded(self, train_state: dict[str, Any]) -> None:
-        """Every rank writes its shards into the staging directory (in the background with
-        --async-ckpt: the previous background save is finished first); rank 0 renames it into
-        place once all are written (`_finish_pending_save`)."""
-        self._finish_pending_save()
-        error: TritonGPTError | None = None
-        staging = checkpoint.staging_path_for(self.out, self.step)
-        state = checkpoint.sharded_state(self.model, self.optimizer)
-        try:
-            checkpoint.require_finite(state, checkpoint.sharded_path_for(self.out, self.step))
-            if self.d.is_main:
-                checkpoint.begin_sharded(self.out, self.step)
-        except TritonGPTError as exc:
-            error = exc
-        self._agree_saved(error)  # also the barrier: the staging directory exists
-        future = checkpoint.write_shards(staging, state, self.ckpt_group)  # DCP fails on every rank alike
-        self.pending_save = (future, staging, train_state)
-        if future is None:
-            self._finish_pending_save()
-
-    def _finish_pending_save(self) -> None:
-        """Wait for the sharded save in flight (if any); rank 0 then completes it."""
-        if self.pending_save is None:
-            return
-        future, staging, train_state = self.pending_save
-        self.pending_save = None
-        error: TritonGPTError | None = None
-        try:
-            if future is not None:
-                future.result()
-            if self.d.is_main:
-                checkpoint.finish_sharded(self.out, staging, train_state, keep=self.cfg.keep_ckpts)
-        except TritonGPTError as exc:
-            error = exc
-        except (Exception, CheckpointException) as exc:  # the background writer's failure
-            error = TritonGPTError(f"cannot write checkpoint shards in {staging}: {exc}")
-        self._agree_saved(error)
-        self.newest_ckpt = checkpoint.sharded_path_for(self.out, train_state["step"])
-
-    def _agree_saved(self, error: TritonGPTError | None) -> None:
-        """Raise on every rank when a save failed on some rank."""
-        if distributed.any_rank(self.d, error is not None):
-            newest = f"newest good checkpoint: {self.newest_ckpt or 'none written'}"
-            raise TritonGPTError(f"{error}; {newest}" if error else
-                                 f"another rank could not write the checkpoint of step {self.step}; {newest}"
-                                 ) from error
+        self.checkpoints.save(self.step, train_state)
 
     def _resume(self) -> None:
         """Restore the newest checkpoint in OUT that loads and is finite, warning about each newer
         one passed over."""
-        if self.mode == "fsdp":
-            path, ckpt, passed_over = self._load_newest_sharded()
-        else:
-            path, ckpt, passed_over = checkpoint.newest_good(self.out, "cpu")
-            checkpoint.load_model_state(self.model, ckpt["model"], path)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        path, ckpt, passed_over = self.checkpoints.load_newest()
         if self.d.is_main:
             for problem in passed_over:
                 print(f"warning: passing over {problem}; resuming from {path.name}", file=sys.stderr, flush=True)
         self._restore(ckpt, path)
-        self.newest_ckpt = path
-
-    def _load_newest_sharded(self) -> tuple[Path, dict[str, Any], list[str]]:
-        """(path, train state, passed_over) of the newest sharded checkpoint in OUT that every rank
-        loads (DCP reshards it to this world size) into the sharded model and optimizer."""
-        passed_over = []
-        for path in reversed(checkpoint.checkpoints(self.out)):
-            if not checkpoint.is_sharded(path):
-                passed_over.append(f"checkpoint {path}: a single file; --parallel fsdp resumes from sharded "
-                                   f"checkpoints (ckpt_N directories)")
-                continue
-            try:
-                train_state = checkpoint.load_sharded_into(path, self.model, self.optimizer,
-                                                           any_rank=lambda flag: distributed.any_rank(self.d, flag))
-            except TritonGPTError as exc:
-                passed_over.append(str(exc))
-                continue
-            return path, train_state, passed_over
-        raise TritonGPTError(f"no usable checkpoint in {self.out}: " + "; ".join(passed_over))
 
     def _restore(self, ckpt: dict[str, Any], source: Path) -> None:
         self.scaler.load_state_dict(ckpt["scaler"])
