@@ -6,6 +6,7 @@
     tritongpt bench step --doc-mask --seq-len 8192 --batch-size 2   # packed documents
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
     tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/report.py)
+    tritongpt bench converge --quick              # AdamW vs Muon: steps and time to a val loss (bench/converge.py)
     python -m pytest bench/suite --benchmark-only # the same kernels under pytest-benchmark
 
 Prints a table on stdout (progress goes to stderr) and writes OUT/<device>_<date>.json (OUT:
@@ -18,25 +19,28 @@ never timed. Exits 1 when a row is flagged (error above tolerance, losses disagr
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
 import torch
 
-from tritongpt.bench import report, step, sweeps, tables
+from tritongpt.bench import converge, report, step, sweeps, tables
 from tritongpt.bench.tables import DEFAULT_OUT
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
 from tritongpt.kernels.measure import Timer
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.config import check_preset
+from tritongpt.train.optim import Optimizer
 
 # step defaults: (full, --quick)
 STEP_DEFAULTS = {"preset": ("gpt2", "tiny"), "batch_size": (16, 2), "seq_len": (1024, 32), "steps": (10, 2)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", choices=(*registry.ops(), "step", "all", "report"),
-                        help="an op, the training step, all of them, or the GPU report (see below)")
+    parser.add_argument("target", choices=(*registry.ops(), "step", "all", "report", "converge"),
+                        help="an op, the training step, all of them, the GPU report, or time to a val loss "
+                             "per optimizer (see below)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="input / autocast dtype (default: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--quick", action="store_true",
@@ -59,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc-mask", action="store_true",
                         help="step: packed documents, attention kept inside each (sdpa: dense mask; flex: block mask)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
+    parser.add_argument("--optimizers", nargs="+", choices=typing.get_args(Optimizer), default=["adamw", "muon"],
+                        help="converge: the optimizers compared, the first one setting the default target "
+                             "(default: adamw muon)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="converge: optimizer steps per run (default: the preset's; --quick: 200)")
+    parser.add_argument("--eval-interval", type=int, default=None,
+                        help="converge: evaluate every this many steps (default: the preset's; --quick: 10)")
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="converge: the val loss to reach (default: the first optimizer's final val loss)")
+    parser.add_argument("--data", default=None, help="converge: shard dir (default: tinyshakespeare)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="converge: a `tritongpt train` setting for every run (repeatable), e.g. muon_lr=0.05")
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -119,6 +135,8 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "converge":
+        return converge.run(args, sweeps.pick_device(args.device))
     if args.target == "report":
         return report.run(args, *_resolve(args))
     head, rows = collect(args)

@@ -193,9 +193,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "device"
 
 
-def stem(out_dir: Path, head: dict) -> str:
-    """`<device>_<date>`, with `_2`, `_3`, ... when that run's files already exist."""
-    base = f"{slug(head['device'])}_{head['date'][:10]}"
+def stem(out_dir: Path, head: dict, prefix: str = "") -> str:
+    """`<prefix><device>_<date>`, with `_2`, `_3`, ... when that run's files already exist."""
+    base = f"{prefix}{slug(head['device'])}_{head['date'][:10]}"
     name, n = base, 1
     while any((out_dir / f"{name}{suffix}").exists() for suffix in (".json", ".csv")):
         n += 1
@@ -249,7 +249,7 @@ def write(out_dir: Path, head: dict, rows: list[dict]) -> list[Path]:
     return paths + plot(out_dir, name, head, rows)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib  # lazy: optional (the plot extra); rows and tables need no matplotlib
@@ -260,13 +260,13 @@ def _pyplot():
     return plt
 
 
-def _title(head: dict) -> str:
+def plot_title(head: dict) -> str:
     title = (f"{head['device']} | torch {head['torch']} | triton {head['triton']} | {head['date'][:10]} | "
              f"{head['dtype']}")
     return title + (" | CPU times" if head.get("cpu_times") else "")
 
 
-def _png(plt, fig) -> bytes:
+def png_bytes(plt, fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -276,7 +276,7 @@ def _png(plt, fig) -> bytes:
 def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
     """One PNG per op: throughput vs size, a line per provider, a panel per (series, mode); for
     step rows a bar chart of tokens/s per combination. Nothing without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return []
     paths = []
@@ -296,9 +296,9 @@ def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
                 for j, mode in enumerate(modes):
                     _draw_kernel(axes[i][j], op, [r for r in mine if r["series"] == s and r["mode"] == mode],
                                  f"{s} {mode}")
-        fig.suptitle(f"{op}\n{_title(head)}", fontsize=9)
+        fig.suptitle(f"{op}\n{plot_title(head)}", fontsize=9)
         path = out_dir / f"{name}_{op}.png"
-        atomic_write_bytes(path, _png(plt, fig))
+        atomic_write_bytes(path, png_bytes(plt, fig))
         paths.append(path)
     return paths
 
@@ -306,7 +306,7 @@ def plot(out_dir: Path, name: str, head: dict, rows: list[dict]) -> list[Path]:
 def figure(head: dict, rows: list[dict]) -> bytes | None:
     """One PNG: a panel per op (forward+backward throughput vs size, a line per provider and
     series) and one for the training step; None without matplotlib or rows."""
-    plt = _pyplot()
+    plt = pyplot()
     ops = list(dict.fromkeys(r["op"] for r in rows))
     if plt is None or not ops:
         return None
@@ -317,8 +317,8 @@ def figure(head: dict, rows: list[dict]) -> bytes | None:
             _draw_step(ax, mine)
         else:
             _draw_kernel(ax, op, [r for r in mine if r["mode"] == "fwd+bwd"], f"{op} fwd+bwd", by_series=True)
-    fig.suptitle(_title(head), fontsize=9)
-    return _png(plt, fig)
+    fig.suptitle(plot_title(head), fontsize=9)
+    return png_bytes(plt, fig)
 
 
 def _draw_kernel(ax, op: str, rows: list[dict], title: str, by_series: bool = False) -> None:

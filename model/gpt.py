@@ -187,10 +187,10 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * keys
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float],
-                            device_type: str) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices and embeddings (params with >= 2 dims) only, not
-        on biases and norm gains; fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
+                            device_type: str, params: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
+        """AdamW over `params` (default: all of the model's) with weight decay on matrices and
+        embeddings (params with >= 2 dims) only, not on biases and norm gains; fused on CUDA."""
+        params = [p for p in (self.parameters() if params is None else params) if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         extra = {"fused": True} if device_type == "cuda" else {}

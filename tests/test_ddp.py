@@ -44,8 +44,9 @@ def test_loader_batches_compose(tiny_data):
         assert torch.equal(y, torch.cat([yr for _, yr in per_rank]))
 
 
-def test_two_processes_match_grad_accum(tiny_data, tmp_path):
-    flags = tiny_flags(tiny_data, tmp_path / "ddp", max_steps=STEPS, batch_size=2, grad_accum=1)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_match_grad_accum(tiny_data, tmp_path, optimizer):
+    flags = tiny_flags(tiny_data, tmp_path / "ddp", max_steps=STEPS, batch_size=2, grad_accum=1, optimizer=optimizer)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "tritongpt.cli", "train"]
     for key, value in flags.items():
@@ -54,13 +55,17 @@ def test_two_processes_match_grad_accum(tiny_data, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("training tiny model") == 1  # only rank 0 prints
 
-    assert run(tiny_flags(tiny_data, tmp_path / "single", max_steps=STEPS, batch_size=2, grad_accum=2)) == 0
+    assert run(tiny_flags(tiny_data, tmp_path / "single", max_steps=STEPS, batch_size=2, grad_accum=2,
+                          optimizer=optimizer)) == 0
     ddp = [r for r in metrics(tmp_path / "ddp") if "loss" in r]
     single = [r for r in metrics(tmp_path / "single") if "loss" in r]
     assert [r["step"] for r in ddp] == [r["step"] for r in single] == list(range(1, STEPS + 1))
+    # torch's Muon orthogonalises in bf16, which turns the all-reduce's 1e-7 reordering into bf16
+    # rounding differences of the update: bf16's tolerance there, fp32's for AdamW
+    limit = 2e-2 if optimizer == "muon" else 1e-5
     for key in ("loss", "grad_norm"):
         assert_rel_close(torch.tensor([r[key] for r in ddp], dtype=torch.float64),
-                         torch.tensor([r[key] for r in single], dtype=torch.float64), 1e-5, key)
+                         torch.tensor([r[key] for r in single], dtype=torch.float64), limit, key)
     assert ddp[0]["tokens"] == single[0]["tokens"] == 2 * 2 * 32  # the same global batch
     saved = checkpoint.load(tmp_path / "ddp")
     assert saved["world_size"] == 2 and len(saved["rng"]) == 2 and saved["step"] == STEPS

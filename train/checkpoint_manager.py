@@ -24,7 +24,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tritongpt.errors import TritonGPTError
-from tritongpt.train import checkpoint, distributed
+from tritongpt.train import checkpoint, distributed, optim
 
 
 class CheckpointManager:
@@ -104,7 +104,7 @@ class CheckpointManager:
         else:
             path, ckpt, passed_over = checkpoint.newest_good(self.out, "cpu")
             checkpoint.load_model_state(self.model, ckpt["model"], path)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            optim.load_state(self.optimizer, ckpt["optimizer"], path)
         self.newest = path
         return path, ckpt, passed_over
 

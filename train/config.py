@@ -32,6 +32,7 @@ from tritongpt.kernels import registry
 from tritongpt.model.config import MODEL_OPS, PRESETS, GPTConfig, check_preset
 from tritongpt.train import checkpoint, init_from
 from tritongpt.train.checkpoint import LEGACY_KEYS
+from tritongpt.train.optim import Optimizer
 from tritongpt.train.parallel import Parallel
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -68,6 +69,14 @@ class TrainConfig:
     weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
+    optimizer: Optimizer = _f("adamw", "adamw, or muon: Muon for the blocks' 2-D weight matrices, AdamW (lr, "
+                                       "betas, weight_decay) for the rest (train/optim.py)")
+    # Muon's defaults are those of Keller Jordan's Muon (github.com/KellerJordan/Muon, its README's
+    # example): lr 0.02, momentum 0.95 with Nesterov, weight decay 0.01; torch.optim.Muon's own
+    # shape scaling sqrt(max(1, rows / cols)) is that repository's too
+    muon_lr: float = _f(0.02, "Muon's peak learning rate (on lr's warmup + cosine schedule, scaled by muon_lr / lr)")
+    muon_momentum: float = _f(0.95, "Muon's (Nesterov) momentum")
+    muon_weight_decay: float = _f(0.01, "Muon's decoupled weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
     # evaluation, logging, checkpoints
     eval_interval: int = _f(250, "evaluate (val loss + a short sample) every this many steps")
@@ -357,7 +366,8 @@ def validate(cfg: TrainConfig) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise TritonGPTError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    non_negative = ["warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens", "eval_hellaswag_interval"]
+    non_negative = ["warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "min_lr", "sample_tokens",
+                    "eval_hellaswag_interval"]
     for key in non_negative:
         if getattr(cfg, key) < 0:
             raise TritonGPTError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -380,6 +390,11 @@ def validate(cfg: TrainConfig) -> None:
         raise TritonGPTError(f"lr must be > 0, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:
         raise TritonGPTError(f"min_lr ({cfg.min_lr}) must be <= lr ({cfg.lr})")
-    for key in ("beta1", "beta2"):
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise TritonGPTError("--optimizer muon needs whole weight matrices and --parallel fsdp shards them: use "
+                             "--parallel ddp with muon, or adamw with fsdp")
+    if not cfg.muon_lr > 0:
+        raise TritonGPTError(f"muon_lr must be > 0, got {cfg.muon_lr}")
+    for key in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= getattr(cfg, key) < 1:
             raise TritonGPTError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")

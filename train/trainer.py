@@ -6,8 +6,8 @@
     torchrun --standalone --nproc_per_node=8 -m tritongpt.cli train --preset gpt2 --data DIR
 
 One optimizer step = grad_accum micro-batches per rank, each (batch_size, block_size) tokens,
-under autocast (bf16 on CUDA; fp16 with a GradScaler; fp32 off). AdamW from
-model.configure_optimizer, linear warmup then cosine to min_lr, global-norm gradient clipping;
+under autocast (bf16 on CUDA; fp16 with a GradScaler; fp32 off). AdamW, or Muon with AdamW
+(train/optim.py), linear warmup then cosine to min_lr, global-norm gradient clipping;
 the update is applied unless the guard (train/guard.py) skips it. Under torchrun the model is
 wrapped in DistributedDataParallel, or with --parallel fsdp sharded by FSDP2 (train/parallel.py),
 and each rank reads its own part of every batch (the loader's rank/world_size); rank 0 prints and
@@ -37,10 +37,11 @@ from tritongpt.data.loader import ShardLoader, doc_ids_from
 from tritongpt.data.tokenizer import get_encoding
 from tritongpt.errors import TritonGPTError
 from tritongpt.files import atomic_write
+from tritongpt.kernels.measure import sync
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.gpt import GPT
 from tritongpt.progress import Progress
-from tritongpt.train import checkpoint, distributed, init_from, parallel
+from tritongpt.train import checkpoint, distributed, init_from, optim, parallel
 from tritongpt.train.auto import resolve_backends
 from tritongpt.train.checkpoint_manager import CheckpointManager
 from tritongpt.train.config import TrainConfig, resolve_dtype
@@ -124,8 +125,10 @@ class Trainer:
         self.tokenizer = meta.get("tokenizer", "gpt2")
         if cfg.doc_mask and self.eot_id is None:
             raise TritonGPTError(f"doc_mask needs the eot id of the data; {cfg.data} has no meta.json with eot_id")
-        self.optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
-                                                        self.device.type)
+        self.optimizer = optim.build(self.model, cfg.optimizer, self.device.type, lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                                     muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum,
+                                     muon_weight_decay=cfg.muon_weight_decay)
         # under FSDP each rank sees only its gradient shards: ShardedGradScaler agrees on overflow over all ranks
         scaler = ShardedGradScaler if self.mode == "fsdp" else torch.amp.GradScaler
         self.scaler = scaler(self.device.type, enabled=self.dtype == "fp16")
@@ -196,6 +199,7 @@ class Trainer:
         cfg = self.cfg
         tokens_per_step = cfg.tokens_per_step * self.d.world_size
         timer, steps_timed = time.perf_counter(), 0
+        start, aside_s = timer, 0.0  # aside_s: seconds in evaluations and checkpoints, not training
         while self.step < cfg.max_steps:
             lr = self._advance()
             steps_timed += 1
@@ -220,14 +224,21 @@ class Trainer:
             else:
                 self.progress.update(self.step)
             if self.step % cfg.eval_interval == 0 or last:
-                self._evaluate(final=last)
+                sync(self.device)  # the steps queued so far count as training time
+                paused = time.perf_counter()
+                self._evaluate(final=last, train_s=paused - start - aside_s)
                 timer, steps_timed = time.perf_counter(), 0
+                aside_s += timer - paused
             if self.hellaswag and (self.step % cfg.eval_hellaswag_interval == 0 or last):
+                paused = time.perf_counter()
                 self._evaluate_hellaswag()
                 timer, steps_timed = time.perf_counter(), 0
+                aside_s += timer - paused
             if save:
+                paused = time.perf_counter()
                 self._save()
                 timer, steps_timed = time.perf_counter(), 0
+                aside_s += timer - paused
             if stop:
                 return None
         return None
@@ -236,8 +247,7 @@ class Trainer:
         """One optimizer step at the scheduled learning rate (returned); reads nothing back from
         the device."""
         lr = lr_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        optim.set_lr(self.optimizer, lr)
         self._train_step()
         self.step += 1
         return lr
@@ -283,8 +293,10 @@ class Trainer:
         return doc_ids_from(x, self.eot_id) if self.cfg.doc_mask else None
 
     @torch.no_grad()
-    def _evaluate(self, final: bool) -> None:
-        """Mean val loss over eval_steps batches (the same batches every time) and a sample."""
+    def _evaluate(self, final: bool, train_s: float) -> None:
+        """Mean val loss over eval_steps batches (the same batches every time) and a sample; the
+        record has `train_s`, this process's seconds of training so far (evaluations and
+        checkpoints left out: what `tritongpt bench converge` reports)."""
         cfg = self.cfg
         self.model.eval()
         self.val_loader.load_state_dict(self.val_start)
@@ -297,7 +309,7 @@ class Trainer:
         # every rank joins an FSDP gather
         sampler = parallel.whole_model(self.model, self.mode, self.d) if cfg.sample_tokens else None
         if self.d.is_main:
-            self.metrics.write(dict(step=self.step, val_loss=val_loss))
+            self.metrics.write(dict(step=self.step, val_loss=val_loss, train_s=train_s))
             self.progress.write(f"step {self.step}: val loss {val_loss:.4f}")
             if cfg.sample_tokens:
                 self.progress.write(("final sample" if final else "sample") + ": "
