@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import metrics, prepare_tiny, run, tiny_flags, train_log
+from test_train import assert_resume_bitwise, metrics, prepare_tiny, run, tiny_flags
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
@@ -63,19 +63,9 @@ def test_llama_tiny_trains_with_each_backend_combination(tiny_data, tmp_path, ch
 
 def test_llama_tiny_resumes_bitwise(tiny_data, tmp_path):
     """2N steps in one go == N steps, then resumed for N more (dropout on, grad_accum 2)."""
-    n = 3
-    common = dict(decay_steps=2 * n, dropout=0.1, grad_accum=2)
-    full, half = tmp_path / "full", tmp_path / "half"
-    assert run(llama_flags(tiny_data, full, max_steps=2 * n, **common)) == 0
-    assert run(llama_flags(tiny_data, half, max_steps=n, **common)) == 0
-    assert run({"out": str(half), "resume": "true", "max_steps": str(2 * n)}) == 0
-    assert train_log(half) == train_log(full)  # exact float equality: step, loss, lr, grad norm
-    a, b = checkpoint.load(full), checkpoint.load(half)
-    assert a["step"] == b["step"] == 2 * n
+    a, _ = assert_resume_bitwise(llama_flags, tiny_data, tmp_path, 3, dropout=0.1, grad_accum=2)
     assert any(name.endswith("mlp.gate_proj.weight") for name in a["model"])
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    model, _ = checkpoint.load_model(half, backend="torch")
+    model, _ = checkpoint.load_model(tmp_path / "half", backend="torch")
     assert model.config.normalization == "rmsnorm" and model.config.ffn == "swiglu"
 
 

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 from _util import assert_rel_close
-from test_train import metrics, prepare_tiny, run, tiny_flags, train_log
+from test_train import assert_resume_bitwise, metrics, prepare_tiny, run, tiny_flags
 
 from tritongpt.bench import converge
 from tritongpt.errors import TritonGPTError
 from tritongpt.model.config import GPTConfig
 from tritongpt.model.gpt import GPT
-from tritongpt.train import checkpoint, config, optim
+from tritongpt.train import config, optim
 
 MUON = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, muon_lr=0.02, muon_momentum=0.95,
             muon_weight_decay=0.01)
@@ -115,15 +115,9 @@ def test_schedule_scales_each_group_to_its_own_peak():
 
 def test_muon_lowers_the_loss_and_resumes_bitwise_with_both_states(tiny_data, tmp_path):
     n = 4
-    common = dict(optimizer="muon", decay_steps=2 * n, grad_accum=2, dropout=0.1, eval_interval=n)
-    full, half = tmp_path / "full", tmp_path / "half"
-    assert run(tiny_flags(tiny_data, full, max_steps=2 * n, **common)) == 0
-    assert run(tiny_flags(tiny_data, half, max_steps=n, **common)) == 0
-    assert run({"out": str(half), "resume": "true", "max_steps": str(2 * n)}) == 0
-    assert train_log(half) == train_log(full)  # exact float equality: step, loss, lr, grad norm
-    a, b = checkpoint.load(full), checkpoint.load(half)
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    a, b = assert_resume_bitwise(tiny_flags, tiny_data, tmp_path, n, optimizer="muon", grad_accum=2, dropout=0.1,
+                                 eval_interval=n)
+    full = tmp_path / "full"
     assert set(a["optimizer"]) == {"muon", "adamw"}
     muon_state = a["optimizer"]["muon"]["state"]
     assert len(muon_state) == 2 * 4 and all("momentum_buffer" in s for s in muon_state.values())

@@ -160,13 +160,12 @@ def test_refuses_to_overwrite_a_run(trained, tiny_data):
         run(tiny_flags(tiny_data, trained))
 
 
-def test_resume_is_bitwise(tiny_data, tmp_path):
-    """2N steps in one go == N steps, then resumed for N more (dropout on: RNG states restored)."""
-    n = 3
-    common = dict(decay_steps=2 * n, dropout=0.1, grad_accum=2)
+def assert_resume_bitwise(flags_of, data: Path, tmp_path: Path, n: int, **common) -> tuple[dict, dict]:
+    """2n steps in one go == n steps, then resumed for n more (flags_of: tiny_flags or a variant):
+    equal logs and bitwise final weights; returns the two final checkpoints (straight, resumed)."""
     full, half = tmp_path / "full", tmp_path / "half"
-    assert run(tiny_flags(tiny_data, full, max_steps=2 * n, **common)) == 0
-    assert run(tiny_flags(tiny_data, half, max_steps=n, **common)) == 0
+    assert run(flags_of(data, full, max_steps=2 * n, decay_steps=2 * n, **common)) == 0
+    assert run(flags_of(data, half, max_steps=n, decay_steps=2 * n, **common)) == 0
     assert checkpoint.latest(half).name == f"ckpt_{n:07d}.pt"
     assert run({"out": str(half), "resume": "true", "max_steps": str(2 * n)}) == 0
     assert train_log(half) == train_log(full)  # exact float equality: step, loss, lr, grad norm
@@ -175,6 +174,12 @@ def test_resume_is_bitwise(tiny_data, tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert json.loads((half / "config.json").read_text())["max_steps"] == 2 * n
+    return a, b
+
+
+def test_resume_is_bitwise(tiny_data, tmp_path):
+    """Dropout on and grad_accum 2: RNG states and the loader position are restored."""
+    assert_resume_bitwise(tiny_flags, tiny_data, tmp_path, 3, dropout=0.1, grad_accum=2)
 
 
 def test_sigterm_saves_then_exits(tiny_data, tmp_path):
