@@ -25,6 +25,7 @@ steps the same full matrices after the gradient all-reduce.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -85,6 +86,17 @@ def build(model: GPT, optimizer: Optimizer, device_type: str, *, lr: float, beta
     for group in muon.param_groups:
         group["lr_scale"] = muon_lr / lr
     return MuonWithAdamW(muon, adamw)
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """The schedule's (AdamW's) learning rate at optimizer step `step` (0-based): linear warmup to
+    lr, then cosine to min_lr at decay_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:

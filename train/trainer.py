@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
@@ -41,7 +40,7 @@ from tritongpt.kernels.measure import sync
 from tritongpt.kernels.spec import DTYPES
 from tritongpt.model.gpt import GPT
 from tritongpt.progress import Progress
-from tritongpt.train import checkpoint, distributed, init_from, optim, parallel
+from tritongpt.train import checkpoint, distributed, init_from, optim, parallel, signals
 from tritongpt.train.auto import resolve_backends
 from tritongpt.train.checkpoint_manager import CheckpointManager
 from tritongpt.train.config import TrainConfig, resolve_dtype
@@ -50,17 +49,6 @@ from tritongpt.train.guard import DIVERGED_EXIT, StepRecord, UpdateGuard, step_u
 from tritongpt.train.metrics import METRICS_FILE, MetricsLog, check_available, log_record, plot_losses, skip_record
 from tritongpt.train.mfu import peak_flops
 from tritongpt.train.sample import stream_text
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = cfg.decay_steps or cfg.max_steps
-    if step >= decay_steps:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def default_data(d: distributed.Dist) -> Path:
@@ -169,13 +157,12 @@ class Trainer:
                   + (f"; resuming at step {self.step}" if self.step else ""))
             if cfg.resume and not self.step:
                 print(f"--resume: no checkpoint in {self.out} yet, so starting at step 0")
-        previous = self._install_signal_handlers()
+        previous = signals.install(self._on_signal)
         try:
             halted = self._loop()
             self.checkpoints.finish_pending()
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            signals.restore(previous)
             if self.metrics is not None:
                 self.metrics.close()
         if halted is None and self.stop_signal is not None:
@@ -246,7 +233,8 @@ class Trainer:
     def _advance(self) -> float:
         """One optimizer step at the scheduled learning rate (returned); reads nothing back from
         the device."""
-        lr = lr_at(self.step, self.cfg)
+        lr = optim.lr_at(self.step, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps,
+                          self.cfg.decay_steps or self.cfg.max_steps)
         optim.set_lr(self.optimizer, lr)
         self._train_step()
         self.step += 1
@@ -387,6 +375,9 @@ class Trainer:
             print(f"note: {source} was saved by {ckpt['world_size']} processes, this run has {self.d.world_size}: "
                   f"same data order, fresh random generators (not bitwise the run that was saved)")
 
+    def _on_signal(self, signum: int) -> None:
+        self.stop_signal = signum
+
     # --- logging --------------------------------------------------------------------------
 
     def _report_skips(self, records: list[StepRecord], logged: int | None) -> StepRecord | None:
@@ -414,20 +405,3 @@ class Trainer:
         self.progress.update(self.step, f"loss {last.loss:.4f} | lr {lr:.2e} | grad {last.grad_norm:.2f} | "
                                         f"{tokens_per_s:,.0f} tok/s | mfu {mfu_text}"
                                         + (" | skipped" if last.skipped else ""), log=True)
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM set stop_signal (the loop saves and exits); the old handler comes back
-        at once, so a second signal acts as it would have."""
-        previous: dict[int, Any] = {}
-
-        def on_signal(signum, frame):
-            self.stop_signal = signum
-            signal.signal(signum, previous[signum])
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[signum] = signal.signal(signum, on_signal)
-            except ValueError:  # not the main thread: no handlers
-                break
-        return previous
-
