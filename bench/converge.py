@@ -53,6 +53,9 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
 def run_config(optimizer: str, *, preset: str, data: str | None, seed: int, device: str, max_steps: int | None,
                eval_interval: int | None, settings: dict[str, str], out: Path) -> TrainConfig:
     """The TrainConfig of one optimizer's run (checked: bad settings fail before any training)."""
+    for key in ("optimizer", "out", "resume"):
+        if key in settings:
+            raise TritonGPTError(f"--set {key}=...: bench converge sets {key} itself")
     flags = {**settings, "preset": preset, "seed": str(seed), "device": device, "optimizer": optimizer,
              "out": str(out), "sample_tokens": "0"}
     if data is not None:
@@ -60,9 +63,6 @@ def run_config(optimizer: str, *, preset: str, data: str | None, seed: int, devi
     for key, value in (("max_steps", max_steps), ("eval_interval", eval_interval)):
         if value is not None:
             flags[key] = str(value)
-    for key in ("optimizer", "out", "resume"):
-        if key in settings:
-            raise TritonGPTError(f"--set {key}=...: bench converge sets {key} itself")
     cfg = train_config.resolve(flags)
     return dataclasses.replace(cfg, ckpt_interval=cfg.max_steps)  # one checkpoint, at the end
 

@@ -112,11 +112,16 @@ def worst_mismatch(out: object, gradients: tuple[torch.Tensor, ...],
     return f"{name}: {describe_mismatch(actual, expected, limit)}"
 
 
+def limit_for(dtype: torch.dtype, device: torch.device) -> float:
+    """The relative-error tolerance of `dtype` here (fp32 matmuls may run as tf32 on a GPU)."""
+    return tolerance(dtype, tf32=device.type == "cuda")
+
+
 def errors_ok(errs: dict[str, float], dtype: torch.dtype, device: torch.device,
               baseline: dict[str, float] | None = None) -> tuple[bool, str]:
     """(passes, why not): each error within the dtype's tolerance (tf32 for fp32 on a GPU) and, for
     fp16/bf16 on a GPU, at most 2x `baseline` (PyTorch's own error in the same dtype)."""
-    limit = tolerance(dtype, tf32=device.type == "cuda")
+    limit = limit_for(dtype, device)
     for key, err in errs.items():
         if not err <= limit:  # also NaN
             return False, f"{key} {err:.2e} > tolerance {limit:.0e}"
@@ -158,7 +163,7 @@ def check(fn: Callable, inputs: Inputs, reference: tuple[torch.Tensor, list[torc
     result.errors = errors(out, gradients, reference)
     result.ok, result.why = errors_ok(result.errors, dtype, device, baseline)
     if not result.ok:
-        result.why += f" ({worst_mismatch(out, gradients, reference, tolerance(dtype, tf32=device.type == 'cuda'))})"
+        result.why += f" ({worst_mismatch(out, gradients, reference, limit_for(dtype, device))})"
     try:
         if claims_determinism:
             again = call(fn, inputs)

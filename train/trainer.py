@@ -13,9 +13,9 @@ wrapped in DistributedDataParallel, or with --parallel fsdp sharded by FSDP2 (tr
 and each rank reads its own part of every batch (the loader's rank/world_size); rank 0 prints and
 writes OUT (metrics: train/metrics.py; checkpoints, under FSDP each rank's shards:
 train/checkpoint_manager.py); under FSDP the sample printed at evaluations comes from a full copy
-gathered onto rank 0 alone. SIGINT/SIGTERM
-finish the current step, save a checkpoint and exit (a second signal acts as usual). A run starts
-from a checkpoint in OUT (--resume), from --init-from weights (train/init_from.py), or afresh.
+gathered onto rank 0 alone. SIGINT/SIGTERM finish the current step, save a checkpoint and exit
+(a second signal acts as usual: train/signals.py). A run starts from a checkpoint in OUT
+(--resume), from --init-from weights (train/init_from.py), or afresh.
 """
 
 from __future__ import annotations
@@ -210,20 +210,17 @@ class Trainer:
                 timer, steps_timed = time.perf_counter(), 0
             else:
                 self.progress.update(self.step)
-            if self.step % cfg.eval_interval == 0 or last:
+            evaluate = self.step % cfg.eval_interval == 0 or last
+            hellaswag = bool(self.hellaswag) and (self.step % cfg.eval_hellaswag_interval == 0 or last)
+            if evaluate or hellaswag or save:
                 sync(self.device)  # the steps queued so far count as training time
                 paused = time.perf_counter()
-                self._evaluate(final=last, train_s=paused - start - aside_s)
-                timer, steps_timed = time.perf_counter(), 0
-                aside_s += timer - paused
-            if self.hellaswag and (self.step % cfg.eval_hellaswag_interval == 0 or last):
-                paused = time.perf_counter()
-                self._evaluate_hellaswag()
-                timer, steps_timed = time.perf_counter(), 0
-                aside_s += timer - paused
-            if save:
-                paused = time.perf_counter()
-                self._save()
+                if evaluate:
+                    self._evaluate(final=last, train_s=paused - start - aside_s)
+                if hellaswag:
+                    self._evaluate_hellaswag()
+                if save:
+                    self._save()
                 timer, steps_timed = time.perf_counter(), 0
                 aside_s += timer - paused
             if stop:
