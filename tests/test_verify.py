@@ -22,10 +22,16 @@ from tritongpt.model.config import GPTConfig
 from tritongpt.train import auto
 from tritongpt.train.auto import DecisionCache, Timing, choose_backends, fastest
 
+# One CPU thread for the commands these tests run. Why: torch 2.13's CPU sum over a dim is sometimes
+# wrong in a process's first call with 2 threads: the second thread's rows are up to 6e-5 (relative)
+# off their rerun's for a (64, 97) fp32 tensor's .sum(1), in 8 of 40 processes here, 0 of 40 with one
+# thread. That fails `chunked`'s check at 1e-5 and its bitwise rerun; verify checks our backends.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 
 def tritongpt(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tritongpt", *argv], capture_output=True, text=True, env=env,
-                          timeout=900)
+    return subprocess.run([sys.executable, "-m", "tritongpt", *argv], capture_output=True, text=True,
+                          env={**(os.environ if env is None else env), **ONE_THREAD}, timeout=900)
 
 
 def test_verify_passes_here_and_writes_json(tmp_path):
