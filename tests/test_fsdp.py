@@ -72,19 +72,29 @@ def no_dropout_differs(flags):  # dropout draws differ per rank: equality with o
     return {**flags, "dropout": "0.0"}
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])  # triton: ~90 s
-def test_two_fsdp_ranks_match_one_process(tiny_data, tmp_path, backend):
+@pytest.mark.parametrize("backend, ranks, dp_shard", [
+    ("torch", 2, None),
+    pytest.param("triton", 2, None, marks=pytest.mark.slow),  # ~90 s
+    ("torch", 2, 1),  # HSDP's 2-D mesh, 2 replicas x 1 shard: gradients all-reduced across the replicas
+    pytest.param("torch", 4, 2, marks=pytest.mark.slow),  # HSDP, 2 replicas x 2 shards: 4 processes on 2 cores
+])
+def test_fsdp_ranks_match_one_process(tiny_data, tmp_path, backend, ranks, dp_shard):
+    """`ranks` FSDP ranks (sharded over all, or HSDP over groups of `dp_shard`) log the losses of one
+    process with grad_accum `ranks`, and their checkpoint consolidates to its model."""
     flags = no_dropout_differs(fsdp_flags(tiny_data, tmp_path / "fsdp", backend=backend, ckpt_interval=1000))
+    if dp_shard is not None:
+        flags["dp_shard"] = str(dp_shard)
     if backend == "triton":  # the interpreter is slow: a smaller model, the same number of steps
         flags.update(n_embd="16", n_head="1", block_size="16")
-    torchrun(flags)
-    single = {**flags, "out": str(tmp_path / "single"), "grad_accum": "2", "parallel": "auto"}
+    torchrun(flags, ranks)
+    single = {**flags, "out": str(tmp_path / "single"), "grad_accum": str(ranks), "parallel": "auto"}
+    single.pop("dp_shard", None)
     assert run(single) == 0
     assert_losses_close(tmp_path / "fsdp", tmp_path / "single", list(range(1, STEPS + 1)))
     assert metrics(tmp_path / "fsdp")[0]["backends"]["attention"] == backend
     # the consolidated sharded checkpoint computes the single process's loss on fresh tokens
     sharded, plain = checkpoint.load(tmp_path / "fsdp"), checkpoint.load(tmp_path / "single")
-    assert checkpoint.is_sharded(checkpoint.latest(tmp_path / "fsdp")) and sharded["world_size"] == 2
+    assert checkpoint.is_sharded(checkpoint.latest(tmp_path / "fsdp")) and sharded["world_size"] == ranks
     assert sharded["model"].keys() == plain["model"].keys()
     tokens = torch.randint(0, 1000, (2, int(flags["block_size"]) + 1))
     losses = [checkpoint.model_from(ckpt, backend="torch")(tokens[:, :-1], tokens[:, 1:])[1].double()
@@ -174,11 +184,11 @@ CLIP_AND_BYTES = textwrap.dedent("""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", n_layer=2, n_embd=32, n_head=2, block_size=16, backend="torch"))
     whole = copy.deepcopy(model)
-    parallel.shard(model, d, None)
-    x, y = torch.randint(0, 1000, (2, 4, 16))
+    parallel.shard(model, d, None, dp_shard=json.loads(sys.argv[2]))
+    x, y = torch.randint(0, 1000, (2, 2 * d.world_size, 16))
     model(x[2 * d.rank:2 * d.rank + 2], y[2 * d.rank:2 * d.rank + 2])[1].backward()
-    for k in range(2):  # the whole model sees both ranks' rows: the mean gradient
-        (whole(x[2 * k:2 * k + 2], y[2 * k:2 * k + 2])[1] / 2).backward()
+    for k in range(d.world_size):  # the whole model sees every rank's rows: the mean gradient
+        (whole(x[2 * k:2 * k + 2], y[2 * k:2 * k + 2])[1] / d.world_size).backward()
     grads = [p.grad.double() for p in whole.parameters()]
     norm64 = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     norm = parallel.clip_grad_norm(model.parameters(), 0.5)
@@ -198,22 +208,25 @@ CLIP_AND_BYTES = textwrap.dedent("""
 """)
 
 
-def test_clipping_uses_the_global_norm_and_a_rank_holds_half_the_bytes(tmp_path):
-    """The norm FSDP clips with is the float64 norm of the whole gradient (both ranks' shards),
-    the same on both ranks; parameters + AdamW state take about half the bytes per rank of one
-    whole copy (DDP's per rank)."""
+@pytest.mark.parametrize("ranks, dp_shard", [(2, None), (2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+def test_clipping_uses_the_global_norm_and_a_rank_holds_its_share_of_the_bytes(tmp_path, ranks, dp_shard):
+    """The norm FSDP clips with is the float64 norm of the whole gradient (every rank's shards),
+    the same on every rank; parameters + AdamW state take about 1/(ranks sharing them: all, or
+    dp_shard under HSDP) of the bytes per rank of one whole copy (DDP's per rank)."""
     script = tmp_path / "clip.py"
     script.write_text(CLIP_AND_BYTES)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                           str(script), str(tmp_path), json.dumps(dp_shard)], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["norm"] == ranks[1]["norm"]
-    for rank in ranks:
+    found = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    share = 1 / (dp_shard or ranks)
+    for rank in found:
+        assert rank["norm"] == found[0]["norm"]
         assert abs(rank["norm"] - rank["norm64"]) <= 1e-5 * rank["norm64"]
         assert rank["clip_err"] <= 1e-5
-        assert 0.49 <= rank["sharded"] / rank["full"] <= 0.51, rank
-    print(f"parameter + optimizer bytes per rank: FSDP {ranks[0]['sharded']:,}, a whole copy {ranks[0]['full']:,}")
+        assert 0.98 * share <= rank["sharded"] / rank["full"] <= 1.02 * share, rank
+    print(f"parameter + optimizer bytes per rank: {found[0]['sharded']:,}, a whole copy {found[0]['full']:,}")
 
 
 def children(pid: int) -> list[int]:

@@ -84,6 +84,11 @@ def test_range_and_model_errors():
         config.resolve({"n_embd": "65"})  # not divisible by the 4 heads
     with pytest.raises(TritonGPTError, match="preset"):
         config.resolve({"preset": "gpt5"})
+    with pytest.raises(TritonGPTError, match="dp_shard needs --parallel fsdp"):
+        config.resolve({"dp_shard": "2"})
+    with pytest.raises(TritonGPTError, match="dp_shard must be >= 1"):
+        config.resolve({"parallel": "fsdp", "dp_shard": "0"})
+    assert config.resolve({"parallel": "fsdp", "dp_shard": "8"}).dp_shard == 8
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -108,6 +108,8 @@ class TrainConfig:
     reshard_after_forward: bool = _f(True, "fsdp: free each block's gathered parameters after its forward "
                                            "(gather again for the backward: less memory, more communication)")
     cpu_offload: bool = _f(False, "fsdp: keep the parameter shards, gradients and optimizer state in host memory")
+    dp_shard: int | None = _f(None, "fsdp: shard over groups of this many ranks and replicate across the groups "
+                                    "(HSDP, e.g. the GPUs of one node); none: shard over all ranks")
     async_ckpt: bool = _f(False, "fsdp: write checkpoints in the background (dcp.async_save) while training goes "
                                  "on")
     doc_mask: bool = _f(False, "attend only within a document (doc ids from the eot tokens in each batch)")
@@ -383,8 +385,10 @@ def validate(cfg: TrainConfig) -> None:
         init_from.parse(cfg.init_from)
     if cfg.spike_window < 2:
         raise TritonGPTError(f"spike_window must be >= 2, got {cfg.spike_window}")
-    for key in ("cpu_offload", "async_ckpt"):
-        if getattr(cfg, key) and cfg.parallel != "fsdp":
+    if cfg.dp_shard is not None and cfg.dp_shard < 1:
+        raise TritonGPTError(f"dp_shard must be >= 1 (or none: all ranks), got {cfg.dp_shard}")
+    for key in ("cpu_offload", "async_ckpt", "dp_shard"):
+        if getattr(cfg, key) not in (False, None) and cfg.parallel != "fsdp":
             raise TritonGPTError(f"{key} needs --parallel fsdp (parallel is {cfg.parallel})")
     if not cfg.lr > 0:
         raise TritonGPTError(f"lr must be > 0, got {cfg.lr}")

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=8 -m tritongpt.cli train --preset gpt2-xl --parallel fsdp
     tritongpt train --parallel fsdp --cpu-offload --reshard-after-forward false
+    torchrun --nnodes=4 --nproc_per_node=8 ... -m tritongpt.cli train --parallel fsdp --dp-shard 8   # HSDP
 
 `ddp` (the default under torchrun) keeps the whole model, its gradients and optimizer state on
 every rank and all-reduces the gradients. `fsdp` shards all three: `fully_shard` makes each
@@ -10,7 +11,10 @@ wte/lm_head weight is one parameter of the root's group, so the tie survives) an
 device mesh over all ranks ("cuda" with nccl on GPUs, "cpu" with gloo). Each parameter is a
 DTensor sharded on dim 0; a group is all-gathered just before its forward (and again for its
 backward when reshard_after_forward frees it after the forward), its gradients reduce-scattered
-in fp32 after its backward, and each rank's optimizer steps its own shard. The kernels see plain
+in fp32 after its backward, and each rank's optimizer steps its own shard. With `dp_shard N`
+(HSDP) the mesh is 2-D: each group of N consecutive ranks (one node's GPUs, where the fast links
+are) shards as above, and the groups hold replicas whose gradients are all-reduced across them;
+a rank then holds 1/N of the bytes. The kernels see plain
 tensors after the all-gather, so every backend and torch.compile run unchanged. A rank holds
 about 1/world_size of the parameter, gradient and optimizer bytes (`local_bytes`).
 
@@ -30,7 +34,7 @@ from typing import Literal
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -51,14 +55,26 @@ def mode_of(parallel: str, d: Dist) -> str | None:
     return parallel
 
 
+def device_mesh(d: Dist, dp_shard: int | None = None) -> DeviceMesh:
+    """The ranks' mesh: 1-D over all of them, or with `dp_shard` (HSDP) 2-D, ("replicate", "shard")
+    = (world_size / dp_shard, dp_shard): consecutive ranks (a node's GPUs) share one set of shards."""
+    shards = d.world_size if dp_shard is None else dp_shard
+    if shards < 1 or d.world_size % shards:
+        raise TritonGPTError(f"dp_shard must divide the world size {d.world_size} (ranks), got {dp_shard}")
+    if shards == d.world_size:
+        return init_device_mesh(d.device.type, (d.world_size,))
+    return init_device_mesh(d.device.type, (d.world_size // shards, shards), mesh_dim_names=("replicate", "shard"))
+
+
 def shard(model: GPT, d: Dist, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
-          cpu_offload: bool = False) -> GPT:
-    """`model` sharded in place with FSDP2 over all ranks (returned; its class becomes FSDPGPT):
-    each Block a group, then the root. `param_dtype` (None: the parameters' own) is what the
-    gathered parameters compute in; gradients are reduced in fp32."""
+          cpu_offload: bool = False, dp_shard: int | None = None) -> GPT:
+    """`model` sharded in place with FSDP2 over all ranks, or over groups of `dp_shard` ranks and
+    replicated across the groups (HSDP; returned, its class becomes FSDPGPT): each Block a group,
+    then the root. `param_dtype` (None: the parameters' own) is what the gathered parameters
+    compute in; gradients are reduced in fp32."""
     if cpu_offload and d.device.type != "cuda":
         raise TritonGPTError(f"cpu_offload moves shards off a GPU; the device is {d.device}")
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    mesh = device_mesh(d, dp_shard)
     options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                    offload_policy=CPUOffloadPolicy() if cpu_offload else None)
     options = {k: v for k, v in options.items() if v is not None}

@@ -97,7 +97,8 @@ class Trainer:
         self.mode = parallel.mode_of(cfg.parallel, d)  # "ddp", "fsdp" or None
         if self.mode == "fsdp":  # before the optimizer, which then holds each rank's shards
             parallel.shard(self.model, d, param_dtype=None if self.dtype == "fp32" else DTYPES[self.dtype],
-                           reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload)
+                           reshard_after_forward=cfg.reshard_after_forward, cpu_offload=cfg.cpu_offload,
+                           dp_shard=cfg.dp_shard)
         # One loader step per optimizer step: the global batch of world_size * grad_accum * batch_size
         # windows depends only on (seed, step); this rank's rows are cut into grad_accum micro-batches.
         # So world_size x grad_accum can be traded for one another without changing what is trained on.
