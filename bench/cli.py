@@ -4,6 +4,7 @@
     tritongpt bench attention --dtype fp16        # one op (`tritongpt kernels list` shows them)
     tritongpt bench step --preset gpt2-medium --batch-size 8 --seq-len 1024
     tritongpt bench step --doc-mask --seq-len 8192 --batch-size 2   # packed documents
+    tritongpt bench step --ranks 2                # + DDP and FSDP rows over 2 processes (bench/step_parallel.py)
     tritongpt bench all --quick --out /tmp/bench  # tiny shapes and the tiny preset: CPU / CI
     tritongpt bench report --budget 480           # a GPU's whole report in 8 minutes (bench/report.py)
     tritongpt bench converge --quick              # AdamW vs Muon: steps and time to a val loss (bench/converge.py)
@@ -19,12 +20,13 @@ never timed. Exits 1 when a row is flagged (error above tolerance, losses disagr
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 from pathlib import Path
 
 import torch
 
-from tritongpt.bench import converge, report, step, sweeps, tables
+from tritongpt.bench import converge, report, step, step_parallel, sweeps, tables
 from tritongpt.bench.tables import DEFAULT_OUT
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import registry
@@ -62,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 10; --quick: 2)")
     parser.add_argument("--doc-mask", action="store_true",
                         help="step: packed documents, attention kept inside each (sdpa: dense mask; flex: block mask)")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="step: also train the baseline under DDP and FSDP over this many processes "
+                             "(torchrun; >= 2, dividing the batch size; default 0: no such rows)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every input and model")
     parser.add_argument("--optimizers", nargs="+", choices=typing.get_args(Optimizer), default=["adamw", "muon"],
                         help="converge: the optimizers compared, the first one setting the default target "
@@ -94,6 +99,10 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise TritonGPTError(f"--budget must be > 0 seconds, got {args.budget}")
     if args.target in ("step", "all"):
         check_preset(args.preset)
+    if args.ranks and args.target not in ("step", "all"):
+        raise TritonGPTError(f"--ranks applies to the training step (step, all), not to {args.target}")
+    if args.ranks:  # before the ceilings are measured: nothing runs on bad input
+        step_parallel.check_ranks(args.ranks, args.batch_size, device)
     return device, DTYPES[args.dtype]
 
 
@@ -105,6 +114,7 @@ def _command(args: argparse.Namespace) -> str:
     if args.target in ("step", "all"):
         parts += [f"--preset {args.preset}", f"--batch-size {args.batch_size}", f"--seq-len {args.seq_len}",
                   f"--steps {args.steps}"] + ["--doc-mask"] * args.doc_mask
+        parts += [f"--ranks {args.ranks}"] * bool(args.ranks)
     return " ".join(parts)
 
 
@@ -125,9 +135,11 @@ def collect(args: argparse.Namespace) -> tuple[dict, list[dict]]:
         rows += op_rows
         skipped += op_skipped
     if args.target in ("step", "all"):
-        rows += step.run_step(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
-                              dtype=dtype, steps=args.steps, warmup=1, ceiling=ceiling, compile=args.compile,
-                              seed=args.seed, log=log, doc_mask=args.doc_mask)
+        settings = dict(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
+                        dtype=dtype, steps=args.steps, warmup=1, seed=args.seed, log=log, doc_mask=args.doc_mask)
+        # --ranks: the DDP and FSDP rows of the same settings, compared with the baseline with the others
+        parallel = functools.partial(step_parallel.parallel_rows, args.ranks, **settings) if args.ranks else None
+        rows += step.run_step(**settings, ceiling=ceiling, compile=args.compile, more_rows=parallel)
     head = tables.header(device, dtype, quick=args.quick, command=_command(args), timer=timer.description,
                          ceilings=ceiling, skipped=skipped, ref_dtype=sweeps.reference_dtype(dtype, device),
                          interpreter=registry.interpreting())

@@ -22,6 +22,8 @@ optimizer: `hf` as transformers runs it (SDPA attention), `hf+patch` after `trit
 Peak memory: on CUDA the allocator's peak over the run; on a CPU the peak resident memory of a
 fresh process that takes RSS_STEPS training steps of the combination (eager ones), so each
 backend, the loss's `linear_cross_entropy=chunked` included, is measured alone.
+With --ranks N two more rows, `ddp xN` and `fsdp xN`, train the baseline on the same batch split
+over N processes under torchrun (bench/step_parallel.py).
 """
 
 from __future__ import annotations
@@ -95,12 +97,13 @@ def combos(ops: tuple[str, ...], compile: bool = True) -> list[Combo]:
 def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
              steps: int, warmup: int, ceiling: dict, compile: bool = True, seed: int = 0,
              log: Callable[[str], None] = lambda message: None, deadline: float | None = None,
-             doc_mask: bool = False) -> list[dict]:
+             doc_mask: bool = False, more_rows: Callable[[], list[dict]] | None = None) -> list[dict]:
     """One row per combination (see `combos`). Every combination starts from the same seed and
     trains on the same batch (packed documents with `doc_mask`): at least `warmup` steps, more
     until the step time is steady (no compile or autotune left in it), then `steps` timed steps.
     `loss` is the loss of step warmup + steps, the same step for every combination. Combinations
-    not started by `deadline` (time.monotonic()) get a row saying so."""
+    not started by `deadline` (time.monotonic()) get a row saying so. The rows `more_rows()` gives
+    (--ranks: step_parallel's, which imports this module) come last, compared like every row."""
     check_preset(preset)
     block, batch = _block_and_batch(preset, batch_size, seq_len, seed, device, doc_mask)
     rows = []
@@ -120,6 +123,8 @@ def run_step(*, preset: str, batch_size: int, seq_len: int, device: torch.device
     if not doc_mask and GPTConfig.from_preset(preset).ffn == "gelu":  # a GPT-2 transformers has
         rows += [_hf_row(provider, preset=preset, block=block, batch=batch, device=device, dtype=dtype, steps=steps,
                          warmup=warmup, seed=seed, log=log) for provider in (HF_PLAIN, HF_PATCHED)]
+    if more_rows is not None:
+        rows += more_rows()
     _compare(rows, loss_tolerance(dtype, device))
     return rows
 
@@ -191,10 +196,12 @@ def _run_combo(combo: Combo, *, preset: str, block: int, batch: tuple[torch.Tens
     return row
 
 
-def _timed_steps(train_step: Callable[[], torch.Tensor], device: torch.device, steps: int, warmup: int
-                 ) -> tuple[list[float], list[torch.Tensor]]:
+def _timed_steps(train_step: Callable[[], torch.Tensor], device: torch.device, steps: int, warmup: int,
+                 settled: Callable[[list[float]], bool] | None = None) -> tuple[list[float], list[torch.Tensor]]:
     """(seconds of the `steps` timed steps, the loss of every step): at least `warmup` steps, more
-    until the step time is steady, then the timed ones; the CUDA peak-memory counter starts here."""
+    until `settled(warm-up seconds)` (default `steady`), then the timed ones; the CUDA peak-memory
+    counter starts here."""
+    settled = settled or steady
     def timed_step() -> tuple[float, torch.Tensor]:
         sync(device)
         start = time.perf_counter()
@@ -205,7 +212,7 @@ def _timed_steps(train_step: Callable[[], torch.Tensor], device: torch.device, s
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses, warm = [], []
-    while len(warm) < warmup or (not steady(warm) and len(warm) < MAX_WARMUP):
+    while len(warm) < warmup or (not settled(warm) and len(warm) < MAX_WARMUP):
         seconds, loss = timed_step()
         warm.append(seconds)
         losses.append(loss)
@@ -272,12 +279,21 @@ def _hf_row(provider: str, *, preset: str, block: int, batch: tuple[torch.Tensor
 
 def _model_and_optimizer(preset: str, block: int, backends: dict[str, str], device: torch.device, seed: int
                          ) -> tuple[GPT, torch.optim.Optimizer]:
-    """The combination's model, from `seed` and without dropout, and the optimizer `tritongpt train
-    --preset PRESET` would give it."""
+    """The combination's model (`_model`) and its optimizer (`_optimizer`)."""
+    model = _model(preset, block, backends, device, seed)
+    return model, _optimizer(model, preset, device)
+
+
+def _model(preset: str, block: int, backends: dict[str, str], device: torch.device, seed: int) -> GPT:
+    """The combination's model, from `seed` and without dropout."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **backends)).to(device)
+    return GPT(GPTConfig.from_preset(preset, block_size=block, dropout=0.0, **backends)).to(device)
+
+
+def _optimizer(model: GPT, preset: str, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `tritongpt train --preset PRESET` would give `model` (under FSDP: its shards)."""
     run = train_defaults(preset)
-    return model, model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
+    return model.configure_optimizer(run.weight_decay, run.lr, (run.beta1, run.beta2), device.type)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -318,16 +334,20 @@ def fresh_process_peak_rss_mb(combo: Combo, preset: str, batch_size: int, seq_le
 
 def step_peak_rss_mb(*, preset: str, backends: dict[str, str], batch_size: int, seq_len: int, dtype: str,
                      seed: int, doc_mask: bool = False) -> float:
-    """In the fresh process: RSS_STEPS CPU training steps with `backends`, then this process's peak
-    resident memory in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
-    import resource  # lazy: Unix only, and only the fresh memory process reads it
-
+    """In the fresh process: RSS_STEPS CPU training steps with `backends`, then `peak_rss_mb`."""
     cpu = torch.device("cpu")
     block, batch = _block_and_batch(preset, batch_size, seq_len, seed, cpu, doc_mask)
     model, optimizer = _model_and_optimizer(preset, block, backends, cpu, seed)
     autocast = _autocast(cpu, getattr(torch, dtype))
     for _ in range(RSS_STEPS):
         _train_step(model, optimizer, batch, autocast)
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource  # lazy: Unix only, and only processes measuring themselves read it
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -247,12 +248,43 @@ def test_second_run_does_not_replace_files(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["step", "--preset", "nope"], "unknown model preset 'nope'"),
     (["mlp", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["step", "--ranks", "2", "--batch-size", "3"], "--batch-size 3 does not split into 2 equal shares"),
+    (["step", "--ranks", "1"], "--ranks must be >= 2"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     assert main(["bench", *argv, "--quick", "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def _per_rank_mib(row: dict) -> float:
+    """The parameter + optimizer-state MiB a rank holds, from a parallel step row's note."""
+    return float(re.search(r"per rank: params\+optimizer ([\d.]+) MiB", row["note"]).group(1))
+
+
+def test_step_ranks_adds_ddp_and_fsdp_rows(tmp_path, monkeypatch):
+    """`bench step --ranks 2`: the baseline under DDP and under FSDP over 2 CPU processes (gloo,
+    one torchrun each) reaches the baseline's loss on the same batch, and an FSDP rank holds
+    about half the parameter + optimizer bytes of a DDP rank. Only the baseline combination runs
+    here besides them (quick_run covers the others); --doc-mask leaves out the transformers rows
+    (hf+patch runs the interpreter here) and has the ranks split the doc ids with the rows."""
+    baseline = [c for c in step.combos(GPTConfig.from_preset("tiny").ops, compile=False) if c.name == step.BASELINE]
+    monkeypatch.setattr(step, "combos", lambda ops, compile=True: baseline)
+    rc, stdout = _run(["bench", "step", "--quick", "--device", "cpu", "--no-compile", "--ranks", "2", "--doc-mask",
+                       "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--out", str(tmp_path)])
+    assert rc == 0, stdout
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "--ranks 2" in data["header"]["command"]
+    rows = {r["provider"]: r for r in data["rows"]}
+    assert list(rows) == [step.BASELINE, "ddp x2", "fsdp x2"]
+    base, ddp, fsdp = rows[step.BASELINE], rows["ddp x2"], rows["fsdp x2"]
+    for r in (ddp, fsdp):
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0, r
+        assert step.LOSS_FLAG not in r["note"] and "failed" not in r["note"], r
+        assert abs(r["loss"] - base["loss"]) <= step.loss_tolerance(torch.float32, torch.device("cpu")) * base["loss"]
+        assert r["note"].startswith("2 ranks (gloo)") and "CPU times of 2 processes" in r["note"], r
+    assert 0.45 <= _per_rank_mib(fsdp) / _per_rank_mib(ddp) <= 0.55, (fsdp["note"], ddp["note"])
 
 
 def test_out_must_be_a_directory(tmp_path, capsys):

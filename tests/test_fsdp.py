@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -260,14 +261,51 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
         workers = children(agent.pid)
         assert len(workers) == 2, workers
         os.kill(max(workers), signal.SIGKILL)
-        output, _ = agent.communicate(timeout=300)
+        try:
+            output, _ = agent.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # the restart hung: fail with what it printed
+            agent.kill()
+            output = "TIMED OUT\n" + agent.communicate()[0]
     finally:
         agent.kill()
     (tmp_path / "torchrun.log").write_text(output)
-    assert agent.returncode == 0, output[-3000:]
+    assert agent.returncode == 0, output[-6000:]
     assert output.count("training tiny model") == 2, output[-3000:]  # the first start and the restart
     a, b = checkpoint.load(fsdp_run), checkpoint.load(out)
     assert b["step"] == STEPS
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_torchrun_agents_on_one_machine_train_as_two_nodes(fsdp_run, tiny_data, tmp_path):
+    """README's multi-node command with --nnodes 2: two torchrun agents (one process each) meet
+    at a c10d rendezvous on localhost and train fsdp_run's run, ending with its weights."""
+    out = tmp_path / "two_nodes"
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}",
+                  "--rdzv-id=tritongpt-test"]
+    argv = [sys.executable, "-m", "torch.distributed.run", *rendezvous, "-m", "tritongpt.cli", "train",
+            *argv_of(fsdp_flags(tiny_data, out))]
+    # one thread per worker, as torchrun gives fsdp_run's 2 processes per node: the same sums, bitwise
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+              for _ in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output[-3000:]
+    assert sum(output.count("training tiny model") for output in outputs) == 1  # only global rank 0 prints
+    a, b = checkpoint.load(fsdp_run), checkpoint.load(out)
+    assert b["step"] == STEPS and b["world_size"] == 2
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
 
