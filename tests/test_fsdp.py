@@ -6,6 +6,7 @@ at the same world size, a 2-rank checkpoint resumes with 1 rank, and `sample`, `
 read one directly; `export --consolidate` writes it as a single file that resumes a plain run.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -243,38 +244,56 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(fsdp_run, tiny_data, tmp_path):
-    """`torchrun --max-restarts 2 ... train --resume`: one rank SIGKILLed once a checkpoint exists,
-    torchrun restarts the group, it resumes from the newest checkpoint and ends with the weights
-    of the uninterrupted run (fsdp_run: checkpoints never change the trajectory)."""
-    out = tmp_path / "elastic"
+    """`TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts 2 ... train --resume`: one
+    rank SIGKILLed once a checkpoint exists, torchrun restarts the group, it resumes from the newest
+    checkpoint and ends with the weights of the uninterrupted run (fsdp_run: checkpoints never
+    change the trajectory)."""
+    out, log = tmp_path / "elastic", tmp_path / "torchrun.log"
     flags = fsdp_flags(tiny_data, out, ckpt_interval=1, resume="true")
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
             "-m", "tritongpt.cli", "train", *argv_of(flags)]
-    agent = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # output to a file, not a pipe, and a session of its own: a hung restart's workers can hold
+    # neither the test nor the machine once the session is killed
+    with log.open("w") as sink:
+        agent = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not (out / "ckpt_0000002").is_dir():
-            assert agent.poll() is None and time.time() < deadline, agent.communicate()[0][-3000:]
+            assert agent.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         workers = children(agent.pid)
         assert len(workers) == 2, workers
         os.kill(max(workers), signal.SIGKILL)
         try:
-            output, _ = agent.communicate(timeout=300)
-        except subprocess.TimeoutExpired:  # the restart hung: fail with what it printed
-            agent.kill()
-            output = "TIMED OUT\n" + agent.communicate()[0]
+            agent.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the restart hung:\n" + log.read_text()[-6000:])
     finally:
-        agent.kill()
-    (tmp_path / "torchrun.log").write_text(output)
+        with contextlib.suppress(ProcessLookupError):  # none left: the run ended
+            os.killpg(agent.pid, signal.SIGKILL)
+    output = log.read_text()
     assert agent.returncode == 0, output[-6000:]
     assert output.count("training tiny model") == 2, output[-3000:]  # the first start and the restart
     a, b = checkpoint.load(fsdp_run), checkpoint.load(out)
     assert b["step"] == STEPS
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_restarts_on_torchruns_shared_store_are_refused_before_anything_is_written(tiny_data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A worker of `torchrun --max-restarts 2` without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (its
+    environment as torchrun sets it): one line naming the variable, exit 2, OUT never created."""
+    out = tmp_path / "run"
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="1",
+                            TORCHELASTIC_MAX_RESTARTS="2", TORCHELASTIC_USE_AGENT_STORE="True").items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", *argv_of(fsdp_flags(tiny_data, out, resume="true"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err, err
+    assert "--max-restarts 2" in err and not out.exists()
 
 
 def free_port() -> int:
