@@ -9,12 +9,13 @@ local rank. Without torchrun it is a world of one and nothing is initialized (bu
 an in-memory store). Every collective below is a no-op in a world of one, so the training loop
 calls them unconditionally. How the model is spread over the ranks is train/parallel.py's.
 
-Restarts (`torchrun --max-restarts N`) need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's
-environment, and `setup` refuses to start without it: by default (torch 2.13) every restarted
-group shares the agent's store with the group before it, whose process groups' addresses are
-still in it, and a restarted worker that reads a killed one's address fails to connect or hangs
-(pytorch/pytorch#135712; 2 of 3 restarts did here). With the variable set each restart gets a
-fresh store.
+Restarts (`torchrun --max-restarts N`) need a c10d rendezvous (`--standalone` or
+`--rdzv-backend=c10d`) and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, and
+`setup` refuses to start without them: otherwise (torch 2.13; the static rendezvous always)
+every restarted group shares the agent's store with the group before it, whose process groups'
+addresses are still in it, and a restarted worker that reads a killed one's address fails to
+connect or hangs (pytorch/pytorch#135712; 2 of 3 restarts did here). With both, each restart
+gets a fresh store.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def setup(device_name: str = "auto", group_of_one: bool = False) -> Dist:
     if world_size > 1 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         raise TritonGPTError(f"torchrun --max-restarts {restarts} shares its store with the restarted groups, which "
                              f"can then fail or hang at the restart (pytorch/pytorch#135712): run torchrun with "
-                             f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+                             f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and a c10d rendezvous (--standalone or "
+                             f"--rdzv-backend=c10d)")
     if (world_size > 1 or group_of_one) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
