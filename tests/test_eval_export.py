@@ -35,16 +35,22 @@ ITEMS = [
 ]
 
 
+def save_random_gpt2(path, noise: float):
+    """Save at `path` and return a small GPT2LMHeadModel with GPT-2's vocabulary, moved noise * N(0, 1) from init."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    model.eval().save_pretrained(path)
+    return model
+
+
 @pytest.fixture(scope="module")
 def hf_gpt2(tmp_path_factory):
     """A small random GPT2LMHeadModel with GPT-2's vocabulary, saved as a Hugging Face directory."""
-    torch.manual_seed(0)
-    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(torch.randn_like(p) * 0.5)  # far from init, so the endings' scores differ
     path = tmp_path_factory.mktemp("hf") / "gpt2"
-    theirs.eval().save_pretrained(path)
+    theirs = save_random_gpt2(path, noise=0.5)  # far from init, so the endings' scores differ
     return path, theirs.double()
 
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from test_eval_export import ITEMS
+from test_eval_export import ITEMS, save_random_gpt2
 from test_train import metrics, prepare_tiny, tiny_flags
 
 from tritongpt.data.loader import ShardLoader
@@ -32,13 +32,8 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)  # far from a fresh init, whose loss is about ln(vocab) too
     path = tmp_path_factory.mktemp("hf") / "gpt2"
-    model.eval().save_pretrained(path)
+    save_random_gpt2(path, noise=0.3)  # far from a fresh init, whose loss is about ln(vocab) too
     return path
 
 

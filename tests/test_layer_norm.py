@@ -11,71 +11,41 @@ functional (the torch.library custom ops).
 
 import pytest
 import torch
-import torch.nn.functional as F
-from _util import assert_rel_close, poison, rel_err, tol
+from _norm_util import Norm, kernel_cases, param_id, poisoned_backward_outputs, poisoned_forward_outputs
+from _util import assert_rel_close, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import layer_norm as ln
-from tritongpt.kernels import layer_norm_spec, norm_configs, registry
+from tritongpt.kernels import layer_norm_spec, norm_configs
 
 EPS = 1e-5
+LAYER_NORM = Norm("layer_norm", ln.layer_norm, layer_norm_spec.reference, ("weight", "bias"))
+OUTPUTS = ("y", "s", "mean", "rstd", "dx", "dweight", "dbias")  # what run_launchers and float64_reference return
 
 
 def make_inputs(lead, n, dtype, device, weight=True, bias=True, residual=False, seed=0):
     """Fresh random x (off-center, so centering matters), weight, bias, residual, and upstream
     grads dy (of y) and ds (of the s output, with a residual)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
-
-    shape = (*lead, n)
-    return dict(
-        x=rand(*shape, scale=2.0, shift=0.5),
-        weight=rand(n, scale=0.5, shift=1.0) if weight else None,
-        bias=rand(n) if bias else None,
-        residual=rand(*shape) if residual else None,
-        dy=rand(*shape),
-        ds=rand(*shape) if residual else None,
-    )
+    return LAYER_NORM.random_inputs(lead, n, dtype, device, seed, residual, weight=weight, bias=bias)
 
 
 def float64_reference(x, weight, bias, residual, dy, ds, eps=EPS):
     """(y, s, mean, rstd, dx, dweight, dbias) from kernels/layer_norm_spec.reference in float64;
     s is x + residual (or x); dx is also the residual's gradient."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None
-              for t in (x, weight, bias, residual)]
-    x64, w64, b64, r64 = leaves
-    out = layer_norm_spec.reference(x64, w64, b64, eps, r64)
-    y, s = out if r64 is not None else (out, x64)
-    outputs, grads = [y], [dy.double()]
-    if r64 is not None:
-        outputs.append(s)
-        grads.append(ds.double())
-    inputs = [t for t in leaves if t is not None]
-    dx, *rest = torch.autograd.grad(outputs, inputs, grads)
-    dw = rest.pop(0) if w64 is not None else None
-    db = rest.pop(0) if b64 is not None else None
-    s = s.detach()
+    inp = dict(x=x, weight=weight, bias=bias, residual=residual, dy=dy, ds=ds)
+    y, s, grads = LAYER_NORM.float64_run(inp, eps=eps)
     mean = s.mean(-1).flatten()
     rstd = (s.var(-1, unbiased=False) + eps).rsqrt().flatten()
-    return y.detach(), s, mean, rstd, dx, dw, db
+    return y, s, mean, rstd, grads["x"], grads["weight"], grads["bias"]
 
 
 def run_launchers(x, weight, bias, residual, dy, ds, eps=EPS):
     """Forward and backward launchers writing into NaN-poisoned preallocated outputs."""
-    n = x.shape[-1]
-    m = x.numel() // n
-    f32 = dict(device=x.device, dtype=torch.float32)
-    fwd_out = (poison(torch.empty_like(x)),
-               poison(torch.empty_like(x)) if residual is not None else x.new_empty(0),
-               poison(torch.empty(m, **f32)), poison(torch.empty(m, **f32)))
+    fwd_out = poisoned_forward_outputs(x, residual, stats=2)
     y, s, mean, rstd = ln.layer_norm_fwd(x, weight, bias, residual, eps, out=fwd_out)
     assert all(a is b for a, b in zip((y, s, mean, rstd), fwd_out))
     saved = s if residual is not None else x
-    bwd_out = (poison(torch.empty_like(x)),
-               poison(torch.empty(n, dtype=x.dtype, device=x.device)) if weight is not None else x.new_empty(0),
-               poison(torch.empty(n, dtype=x.dtype, device=x.device)) if bias is not None else x.new_empty(0))
+    bwd_out = poisoned_backward_outputs(x, weight, bias)
     dx, dw, db = ln.layer_norm_bwd(dy, ds, saved, weight, mean, rstd, bias is not None, out=bwd_out)
     assert all(a is b for a, b in zip((dx, dw, db), bwd_out))
     return y, s, mean, rstd, dx, dw, db
@@ -85,9 +55,8 @@ def check_all(ours, expected, dtype, n, ds=None):
     """Every output within the dtype's tolerance of float64 (`ds`: the upstream grad of the s
     output, None without a residual). Row means are judged relative to the largest |s| (a mean
     near 0 still carries the rounding of its summands)."""
-    names = ("y", "s", "mean", "rstd", "dx", "dweight", "dbias")
     s_max = expected[1].abs().max()
-    for name, a, e in zip(names, ours, expected):
+    for name, a, e in zip(OUTPUTS, ours, expected):
         if e is None or (name == "s" and ds is None):
             continue
         if n == 1 and name in ("dx", "dweight"):
@@ -106,9 +75,7 @@ def check_all(ours, expected, dtype, n, ds=None):
 WIDTHS = [1, 7, 768, 1000, 4099]  # 1, 7: 64 rows to a tile; 768, 1000: 4; 4099: one row in 8192 columns
 
 
-@pytest.mark.parametrize("n,rows,dtype", [(n, rows, torch.float32) for n in WIDTHS for rows in (1, 3, 37)]
-                         + [(n, 3, torch.float16) for n in WIDTHS] + [(1000, 37, torch.float16)],
-                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("n,rows,dtype", kernel_cases(WIDTHS), ids=param_id)
 def test_kernels_match_float64(n, rows, dtype, device):
     """Weight, bias and residual all present (every load and store of both kernels in use).
     Every width with 1, 3 and 37 rows in fp32 (37 rows: several per backward program); fp16
@@ -181,68 +148,27 @@ def test_row_configs_cover_every_width():
     assert picked == set(norm_configs.row_configs())
 
 
-def grads_through_autograd(inp, eps=EPS):
-    leaves = {k: (v.clone().requires_grad_() if v is not None else None)
-              for k, v in inp.items() if k in ("x", "weight", "bias", "residual")}
-    fn = registry.resolve("layer_norm", "triton")
-    out = fn(leaves["x"], leaves["weight"], leaves["bias"], eps, leaves["residual"])
-    if leaves["residual"] is None:
-        out.backward(inp["dy"])
-        outputs = (out, None)
-    else:
-        torch.autograd.backward(out, (inp["dy"], inp["ds"]))
-        outputs = out
-    return outputs, {k: (v.grad if v is not None else None) for k, v in leaves.items()}
-
-
 @pytest.mark.parametrize("weight,bias,residual", [(True, True, True), (True, True, False), (False, True, False)])
 def test_autograd_through_custom_ops(weight, bias, residual, device):
     """The public functional (registered `triton` backend): any leading shape, grads of x,
     weight, bias, and of the residual (= grad of x, including what flowed into s)."""
-    dtype = torch.float32
-    inp = make_inputs((2, 3, 2), 200, dtype, device, weight, bias, residual, seed=21)
-    (y, s), grads = grads_through_autograd(inp)
-    ey, es, _, _, edx, edw, edb = float64_reference(**inp)
-    assert_rel_close(y, ey, tol(dtype), "y")
-    if residual:
-        assert_rel_close(s, es, tol(dtype), "s")
-        assert_rel_close(grads["residual"], edx, tol(dtype), "dresidual")
-    assert_rel_close(grads["x"], edx, tol(dtype), "dx")
-    for name, e in (("weight", edw), ("bias", edb)):
-        assert (grads[name] is None) == (e is None)
-        if e is not None:
-            assert_rel_close(grads[name], e, tol(dtype), f"d{name}")
+    inp = make_inputs((2, 3, 2), 200, torch.float32, device, weight, bias, residual, seed=21)
+    LAYER_NORM.check_autograd_against_float64(inp, torch.float32, eps=EPS)
 
 
 def test_grads_are_bitwise_deterministic(device):
     inp = make_inputs((9,), 300, torch.float32, device, residual=True, seed=5)
-    _, first = grads_through_autograd(inp)
-    _, second = grads_through_autograd(inp)
-    for name in first:
-        assert torch.equal(first[name], second[name]), f"d{name} differs between two runs"
+    LAYER_NORM.check_autograd_bitwise_deterministic(inp, eps=EPS)
 
 
 def test_strided_rows_and_leading_dims(device):
     """Row-strided input (a column slice) runs in place; leading dims that cannot be viewed as
     rows (a transpose) are copied by reshape; both give the reference result."""
-    n = 96
-    base = make_inputs((6, 4), 2 * n, torch.float32, device, seed=8)
-    x_slice = base["x"][..., :n]  # row stride 2n, last-dim stride 1
-    x_transposed = make_inputs((4, 6), n, torch.float32, device, seed=9)["x"].transpose(0, 1)
-    w, b = base["weight"][:n].contiguous(), base["bias"][:n].contiguous()
-    for x in (x_slice, x_transposed):
-        y = ln.layer_norm(x, w, b)
-        assert_rel_close(y, layer_norm_spec.reference(x.double(), w.double(), b.double()), tol(torch.float32), "y")
+    LAYER_NORM.check_strided_rows_and_leading_dims(device)
 
 
 def test_zero_rows(device):
-    x = torch.randn(0, 16, device=device)
-    w = torch.randn(16, device=device, requires_grad=True)
-    x.requires_grad_()
-    y = ln.layer_norm(x, w)
-    assert y.shape == (0, 16)
-    y.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(16, device=device))
+    LAYER_NORM.check_zero_rows(device)
 
 
 def test_torch_compile_fullgraph(device):
@@ -253,16 +179,8 @@ def test_torch_compile_fullgraph(device):
         y, s = ln.layer_norm(x, w, b, EPS, residual=r)
         return (y * y).sum() + (s * 0.5).sum() + ln.layer_norm(s, w).sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     inp = make_inputs((2, 8), 64, torch.float32, device, residual=True, seed=13)
-    results = []
-    for fn in (block, compiled):
-        leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual")]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in leaves])
-    for name, a, e in zip(("loss", "dx", "dweight", "dbias", "dresidual"), *results):
-        assert_rel_close(a, e, tol(torch.float32), name)
+    LAYER_NORM.check_compiled_matches_eager(block, inp)
 
 
 # --- bad input: one TritonGPTError before anything is written --------------------------------
@@ -282,15 +200,10 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("words", BAD_INPUTS)
 def test_bad_input_raises_before_writing(words, device):
     kwargs = BAD_INPUTS[words](torch.randn(4, 32, device=device), torch.randn(32, device=device))
-    x = kwargs["x"]
-    m = x.numel() // x.shape[-1]
-    out = (poison(torch.empty(x.shape, device=device)), torch.empty(0, device=device),
-           poison(torch.empty(m, device=device)), poison(torch.empty(m, device=device)))
-    with pytest.raises(TritonGPTError, match=words):
-        ln.layer_norm_fwd(x, kwargs.get("weight"), kwargs.get("bias"), kwargs.get("residual"), EPS, out=out)
-    assert all(t.isnan().all() for t in out), "an output was written before the error"
-    with pytest.raises(TritonGPTError, match=words):  # the same error through the custom op
-        ln.layer_norm(**kwargs)
+    out = poisoned_forward_outputs(torch.empty(4, 32, device=device), None, stats=2)
+    launch = lambda: ln.layer_norm_fwd(kwargs["x"], kwargs.get("weight"), kwargs.get("bias"), kwargs.get("residual"),
+                                       EPS, out=out)
+    LAYER_NORM.check_raises_before_writing(words, launch, out, kwargs)
 
 
 def test_bad_out_eps_and_grads(device):
@@ -319,21 +232,7 @@ def test_gpu_large_within_2x_pytorch_error(n, dtype):
     m = 16384
     inp = make_inputs((m,), n, dtype, "cuda", residual=True, seed=n)
     ours = run_launchers(**inp)
-    expected = float64_reference(**inp)
-    # PyTorch's own result in the same precision
-    leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "bias", "residual")]
-    s = leaves[0] + leaves[3]
-    y = F.layer_norm(s, (n,), leaves[1], leaves[2], EPS)
-    torch.autograd.backward((y, s), (inp["dy"], inp["ds"]))
-    theirs = {"y": y, "s": s, "dx": leaves[0].grad, "dweight": leaves[1].grad, "dbias": leaves[2].grad}
-    names = ("y", "s", "mean", "rstd", "dx", "dweight", "dbias")
-    for name, a, e in zip(names, ours, expected):
-        if name not in theirs:
-            continue
-        ours_err, theirs_err = rel_err(a, e.reshape(a.shape)), rel_err(theirs[name], e.reshape(a.shape))
-        assert ours_err <= tol(dtype), f"{name}: relative error {ours_err:.3g} > {tol(dtype)}"
-        assert ours_err <= 2 * theirs_err, (
-            f"{name}: relative error {ours_err:.3g} > 2x PyTorch's {theirs_err:.3g}")
+    LAYER_NORM.check_within_twice_torch_error(OUTPUTS, ours, float64_reference(**inp), inp, dtype, eps=EPS)
 
 
 @pytest.mark.gpu

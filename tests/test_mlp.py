@@ -11,33 +11,26 @@ interpreter (fp32, fp16), which runs tensor descriptors too; `-m gpu` adds bf16 
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_rel_close, poison, rel_err, tol
+from _util import FusedMLP, assert_bitwise_equal, assert_rel_close, seeded_randn, tol
 
 import tritongpt
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import mlp, mlp_configs, mlp_spec, registry
+
+GELU_MLP = FusedMLP(mlp, mlp.gelu_mlp, mlp_spec.reference)
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every Triton output (h, a, dH, the column sums of dH) starts as NaN, so an element a kernel
     fails to write fails the comparison."""
-    allocate = mlp._empty
-    monkeypatch.setattr(mlp, "_empty", lambda *args: poison(allocate(*args)))
+    GELU_MLP.poison_allocations(monkeypatch)
 
 
 @pytest.fixture
 def launched(monkeypatch):
     """The paths ("tma" / "pointer") the fused kernels ran on, one entry per launch."""
-    paths = []
-    launch = mlp._launch
-
-    def spy(*args):
-        paths.append(args[-1])
-        return launch(*args)
-
-    monkeypatch.setattr(mlp, "_launch", spy)
-    return paths
+    return GELU_MLP.record_launch_paths(monkeypatch)
 
 
 @pytest.fixture(params=["tma", "pointer"])
@@ -49,48 +42,12 @@ def path(request, monkeypatch):
     return request.param
 
 
-def hopper_or_interpreter(device):
-    """Where the automatic choice may take the TMA path."""
-    return device.type == "cpu" or torch.cuda.get_device_capability(device)[0] == 9
-
-
-def tma_addressable(c, hid, dtype):
-    """Whether TMA can address the operands of an MLP of width c, hidden hid (row strides of 16 bytes)."""
-    per_16_bytes = 128 // torch.finfo(dtype).bits
-    return c % per_16_bytes == 0 and hid % per_16_bytes == 0
-
-
 def make_inputs(lead, c, hid, dtype, device, seed, bias=True, residual=True):
     """Fresh random x (*lead, C), nn.Linear-layout weights scaled 1/sqrt(fan_in), biases, residual."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
+    rand = seeded_randn(seed, device, dtype)
     return dict(x=rand(*lead, c), w1=rand(hid, c, scale=c ** -0.5), b1=rand(hid) if bias else None,
                 w2=rand(c, hid, scale=hid ** -0.5), b2=rand(c) if bias else None,
                 residual=rand(*lead, c) if residual else None)
-
-
-def run(fn, inputs, dy, **kwargs):
-    """y = fn(**inputs, **kwargs) and the gradients of <y, dy> wrt every tensor input."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    y = fn(**{**inputs, **leaves}, **kwargs)
-    y.backward(dy)
-    return y.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def check_against_reference(inputs, approximate, recompute, dtype):
-    g = torch.Generator().manual_seed(1234)
-    x = inputs["x"]
-    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, dtype)
-    y, grads = run(mlp.gelu_mlp, inputs, dy, approximate=approximate, recompute=recompute)
-    inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(mlp_spec.reference, inputs64, dy.double(), approximate=approximate)
-    assert_rel_close(y, y64, tol(dtype), "y")
-    assert grads.keys() == grads64.keys()
-    for name in grads64:
-        assert_rel_close(grads[name], grads64[name], tol(dtype), f"d{name}")
 
 
 # (leading dims of x, C, Hid, approximate, recompute, biases, residual): M, C and Hid cover 1, 17,
@@ -118,9 +75,8 @@ def test_matches_float64_reference(lead, c, hid, approximate, recompute, bias, r
                                    launched):
     inputs = make_inputs(lead, c, hid, dtype, device, seed=hash((lead, c, hid)) % 2**31, bias=bias,
                          residual=residual)
-    check_against_reference(inputs, approximate, recompute, dtype)
-    ran = "tma" if path == "tma" and tma_addressable(c, hid, dtype) else "pointer"
-    assert launched == [ran] * (3 if recompute else 2), launched  # fc, (fc again,) dH
+    GELU_MLP.check_against_float64(inputs, dtype, recompute, approximate=approximate)
+    GELU_MLP.assert_launch_paths(launched, path, c, hid, dtype, recompute)
 
 
 @pytest.mark.slow
@@ -129,7 +85,8 @@ def test_matches_float64_reference(lead, c, hid, approximate, recompute, bias, r
 def test_larger_sizes(m, c, hid, dtype, device, path, launched):
     """Many tiles per persistent program, several K blocks, and (C = 8) one narrow K."""
     for approximate, recompute in (("tanh", False), ("none", True)):
-        check_against_reference(make_inputs((m,), c, hid, dtype, device, seed=m + c), approximate, recompute, dtype)
+        inputs = make_inputs((m,), c, hid, dtype, device, seed=m + c)
+        GELU_MLP.check_against_float64(inputs, dtype, recompute, approximate=approximate)
     assert set(launched) == {path}
 
 
@@ -179,7 +136,7 @@ def test_choose_path(device, monkeypatch):
     """TMA where descriptors exist and can address every operand: unit last stride, other strides
     positive multiples of 16 bytes; otherwise (or without triton.tools.tensor_descriptor) pointers."""
     ok = torch.empty(32, 40, device=device)
-    expected = "tma" if hopper_or_interpreter(device) else "pointer"
+    expected = GELU_MLP.automatic_path(device)
     assert mlp.choose_path(ok, ok[:, :8], ok.t().contiguous()) == expected
     misaligned = torch.empty(1281, device=device)[1:].view(32, 40)
     for bad in (ok[:, :39].contiguous(), ok.t(), ok[:1].expand(32, 40), misaligned):
@@ -196,16 +153,8 @@ def test_strided_views_and_expanded_grad(device, launched):
     inputs = {**inputs, "x": inputs["x"][..., :c], "residual": inputs["residual"][..., c:],
               "w1": inputs["w1"][:, :c].contiguous(), "w2": inputs["w2"][:c], "b2": inputs["b2"][:c]}
     assert inputs["x"].stride(-2) == 2 * c
-    ys = {}
-    for name, fn, dtype in (("triton", mlp.gelu_mlp, torch.float32), ("reference", mlp_spec.reference, torch.float64)):
-        leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-        y = fn(**leaves)
-        y.sum().backward()
-        ys[name] = (y.detach(), {k: v.grad for k, v in leaves.items()})
-    assert_rel_close(ys["triton"][0], ys["reference"][0], tol(torch.float32), "y")
-    for k in inputs:
-        assert_rel_close(ys["triton"][1][k], ys["reference"][1][k], tol(torch.float32), f"d{k}")
-    assert launched == ["tma" if hopper_or_interpreter(device) else "pointer", "pointer"]
+    GELU_MLP.check_sum_grads_against_float64(inputs)
+    assert launched == [GELU_MLP.automatic_path(device), "pointer"]
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -213,46 +162,23 @@ def test_recompute_keeps_no_hidden_activations(recompute, device):
     """recompute=True saves no (M, Hid) tensor for backward; otherwise h and a are kept."""
     m, c, hid = 9, 16, 48
     inputs = make_inputs((m,), c, hid, torch.float32, device, seed=3, residual=False)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
-    saved = []
-
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = mlp.gelu_mlp(**leaves, recompute=recompute)
-    assert saved.count((m, hid)) == (0 if recompute else 2)
-    y.backward(torch.randn_like(y))
-    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+    GELU_MLP.check_saved_for_backward(inputs, (m, hid), 0 if recompute else 2, recompute=recompute)
 
 
 def test_empty_batch(device):
-    inputs = make_inputs((0,), 16, 32, torch.float32, device, seed=5, residual=False)
-    y, grads = run(mlp.gelu_mlp, inputs, torch.empty(0, 16, device=device))
-    assert y.shape == (0, 16)
-    assert all(g.abs().sum() == 0 for g in grads.values() if g.numel())
+    GELU_MLP.check_empty_batch(make_inputs((0,), 16, 32, torch.float32, device, seed=5, residual=False))
 
 
 def test_torch_compile_fullgraph_traces_the_custom_ops(device):
     inputs = make_inputs((2, 5), 24, 40, torch.float32, device, seed=11)
-    dy = torch.randn(2, 5, 24, device=device)
-    compiled = torch.compile(mlp.gelu_mlp, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
-    for recompute in (False, True):
-        y, grads = run(compiled, inputs, dy, recompute=recompute)
-        y_eager, grads_eager = run(mlp.gelu_mlp, inputs, dy, recompute=recompute)
-        assert torch.equal(y, y_eager)
-        for k in grads_eager:
-            assert torch.equal(grads[k], grads_eager[k]), k
+    GELU_MLP.check_compiled_matches_eager(inputs, torch.randn(2, 5, 24, device=device))
 
 
 def test_bitwise_deterministic(device, path):
     """db1 comes from per-tile column sums added in a fixed order: reruns match bit for bit."""
     inputs = make_inputs((37,), 40, 72, torch.float32, device, seed=17)
     dy = torch.randn(37, 40, device=device)
-    first, second = (run(mlp.gelu_mlp, inputs, dy) for _ in range(2))
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    assert_bitwise_equal(*(GELU_MLP.run(inputs, dy) for _ in range(2)))
 
 
 def test_registered_backend():
@@ -283,13 +209,7 @@ def _bad_inputs(device):
                          ids=[name for name, _ in _bad_inputs("cpu")])
 def test_bad_input_raises_before_launch(case, device, monkeypatch):
     message, kwargs = _bad_inputs(device)[case]
-
-    def no_output(*args):
-        raise AssertionError("an output was allocated before the input check")
-
-    monkeypatch.setattr(mlp, "_empty", no_output)
-    with pytest.raises(TritonGPTError, match=message):
-        mlp.gelu_mlp(**kwargs)
+    GELU_MLP.check_raises_before_launch(monkeypatch, message, kwargs)
 
 
 def test_launchers_check_their_inputs(device, monkeypatch):
@@ -321,15 +241,7 @@ def test_gpt2_sizes_within_twice_pytorch_error(c, approximate, recompute, residu
     tolerance and at most twice PyTorch's own error in the same precision."""
     inputs = make_inputs((8, 2048), c, 4 * c, dtype, device, seed=c, residual=residual)
     dy = torch.randn(8, 2048, c, device=device, dtype=dtype)
-    y, grads = run(mlp.gelu_mlp, inputs, dy, approximate=approximate, recompute=recompute)
-    y_torch, grads_torch = run(mlp_spec.reference, inputs, dy, approximate=approximate)
-    inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(mlp_spec.reference, inputs64, dy.double(), approximate=approximate)
-    for name, ours, theirs, exact in [("y", y, y_torch, y64)] + [
-            (f"d{k}", grads[k], grads_torch[k], grads64[k]) for k in grads64]:
-        assert_rel_close(ours, exact, tol(dtype), name)
-        assert rel_err(ours, exact) <= 2 * rel_err(theirs, exact), (
-            f"{name}: error {rel_err(ours, exact):.3g} > 2x PyTorch's {rel_err(theirs, exact):.3g}")
+    GELU_MLP.check_within_twice_torch_error(inputs, dy, dtype, recompute, approximate=approximate)
 
 
 @pytest.mark.gpu
@@ -337,16 +249,14 @@ def test_fp32_on_gpu_and_deterministic(device):
     """fp32 at a GPT-2 size: under PyTorch's default float32 matmul precision ('highest') the dots
     are ieee, not tf32, so 1e-5 holds; two runs give bitwise equal results."""
     inputs = make_inputs((4, 1024), 768, 3072, torch.float32, device, seed=1)
-    check_against_reference(inputs, "tanh", False, torch.float32)
+    GELU_MLP.check_against_float64(inputs, torch.float32, False, approximate="tanh")
     dy = torch.randn(4, 1024, 768, device=device)
-    first, second = (run(mlp.gelu_mlp, inputs, dy) for _ in range(2))
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    assert_bitwise_equal(*(GELU_MLP.run(inputs, dy) for _ in range(2)))
 
 
 @pytest.mark.gpu
 def test_hopper_takes_the_tma_path(device, launched):
     """On sm_90 GPT-2 shapes run the persistent TMA kernel; elsewhere the pointer kernel."""
     inputs = make_inputs((2, 1024), 768, 3072, torch.bfloat16, device, seed=2)
-    run(mlp.gelu_mlp, inputs, torch.randn(2, 1024, 768, device=device, dtype=torch.bfloat16))
-    assert launched == ["tma" if hopper_or_interpreter(device) else "pointer"] * 2
+    GELU_MLP.run(inputs, torch.randn(2, 1024, 768, device=device, dtype=torch.bfloat16))
+    assert launched == [GELU_MLP.automatic_path(device)] * 2

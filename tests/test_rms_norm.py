@@ -11,64 +11,40 @@ functional (the torch.library custom ops).
 
 import pytest
 import torch
-from _util import assert_rel_close, poison, rel_err, tol
+from _norm_util import Norm, kernel_cases, param_id, poisoned_backward_outputs, poisoned_forward_outputs
+from _util import assert_rel_close, poison, tol
 
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import compile_report, norm_configs, registry, rms_norm_spec
 from tritongpt.kernels import rms_norm as rn
 
 EPS = 1e-6
+RMS_NORM = Norm("rms_norm", rn.rms_norm, rms_norm_spec.reference, ("weight",))
+OUTPUTS = ("y", "s", "rstd", "dx", "dweight")  # what run_launchers and float64_reference return
 
 
 def make_inputs(lead, n, dtype, device, weight=True, residual=False, seed=0):
     """Fresh random x (off-centre: RMS is not the standard deviation), weight, residual, and
     upstream grads dy (of y) and ds (of the s output, with a residual)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(device, dtype)
-
-    shape = (*lead, n)
-    return dict(
-        x=rand(*shape, scale=2.0, shift=0.5),
-        weight=rand(n, scale=0.5, shift=1.0) if weight else None,
-        residual=rand(*shape) if residual else None,
-        dy=rand(*shape),
-        ds=rand(*shape) if residual else None,
-    )
+    return RMS_NORM.random_inputs(lead, n, dtype, device, seed, residual, weight=weight)
 
 
 def float64_reference(x, weight, residual, dy, ds, eps=EPS, weight_offset=0.0):
     """(y, s, rstd, dx, dweight) from kernels/rms_norm_spec.reference in float64; s is x + residual
     (or x); dx is also the residual's gradient."""
-    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, residual)]
-    x64, w64, r64 = leaves
-    out = rms_norm_spec.reference(x64, w64, eps, r64, weight_offset=weight_offset)
-    y, s = out if r64 is not None else (out, x64)
-    outputs, grads = [y], [dy.double()]
-    if r64 is not None:
-        outputs.append(s)
-        grads.append(ds.double())
-    inputs = [t for t in leaves if t is not None]
-    dx, *rest = torch.autograd.grad(outputs, inputs, grads)
-    dw = rest[0] if w64 is not None else None
-    s = s.detach()
+    inp = dict(x=x, weight=weight, residual=residual, dy=dy, ds=ds)
+    y, s, grads = RMS_NORM.float64_run(inp, eps=eps, weight_offset=weight_offset)
     rstd = (s.pow(2).mean(-1) + eps).rsqrt().flatten()
-    return y.detach(), s, rstd, dx, dw
+    return y, s, rstd, grads["x"], grads["weight"]
 
 
 def run_launchers(x, weight, residual, dy, ds, eps=EPS, weight_offset=0.0):
     """Forward and backward launchers writing into NaN-poisoned preallocated outputs."""
-    n = x.shape[-1]
-    m = x.numel() // n
-    fwd_out = (poison(torch.empty_like(x)),
-               poison(torch.empty_like(x)) if residual is not None else x.new_empty(0),
-               poison(torch.empty(m, device=x.device, dtype=torch.float32)))
+    fwd_out = poisoned_forward_outputs(x, residual, stats=1)
     y, s, rstd = rn.rms_norm_fwd(x, weight, residual, eps, weight_offset, out=fwd_out)
     assert all(a is b for a, b in zip((y, s, rstd), fwd_out))
     saved = s if residual is not None else x
-    bwd_out = (poison(torch.empty_like(x)),
-               poison(torch.empty(n, dtype=x.dtype, device=x.device)) if weight is not None else x.new_empty(0))
+    bwd_out = poisoned_backward_outputs(x, weight)
     dx, dw = rn.rms_norm_bwd(dy, ds, saved, weight, rstd, weight_offset, out=bwd_out)
     assert all(a is b for a, b in zip((dx, dw), bwd_out))
     return y, s, rstd, dx, dw
@@ -77,7 +53,7 @@ def run_launchers(x, weight, residual, dy, ds, eps=EPS, weight_offset=0.0):
 def check_all(ours, expected, dtype, ds=None):
     """Every output within the dtype's tolerance of float64 (`ds`: the upstream grad of the s
     output, None without a residual)."""
-    for name, a, e in zip(("y", "s", "rstd", "dx", "dweight"), ours, expected):
+    for name, a, e in zip(OUTPUTS, ours, expected):
         if e is None or (name == "s" and ds is None):
             continue
         assert_rel_close(a, e.reshape(a.shape), tol(dtype), name)
@@ -87,9 +63,7 @@ def check_all(ours, expected, dtype, ds=None):
 WIDTHS = [2, 7, 576, 1000, 4099]
 
 
-@pytest.mark.parametrize("n,rows,dtype", [(n, rows, torch.float32) for n in WIDTHS for rows in (1, 3, 37)]
-                         + [(n, 3, torch.float16) for n in WIDTHS] + [(1000, 37, torch.float16)],
-                         ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("n,rows,dtype", kernel_cases(WIDTHS), ids=param_id)
 def test_kernels_match_float64(n, rows, dtype, device):
     """Weight and residual present (every load and store of both kernels in use). Every width
     with 1, 3 and 37 rows in fp32 (37 rows: several per backward program); fp16 adds its rounding
@@ -168,7 +142,7 @@ def test_fuzzed_shapes(device):
         n = int(torch.randint(2, 3000, (1,), generator=gen))
         weight, residual = (bool(b) for b in torch.randint(0, 2, (2,), generator=gen))
         inp = make_inputs((rows,), n, torch.float32, device, weight, residual, seed=100 + i)
-        for name, a, e in zip(("y", "s", "rstd", "dx", "dweight"), run_launchers(**inp), float64_reference(**inp)):
+        for name, a, e in zip(OUTPUTS, run_launchers(**inp), float64_reference(**inp)):
             if e is not None and (name != "s" or residual):
                 assert_rel_close(a, e.reshape(a.shape), tol(torch.float32), f"{name} (M={rows}, N={n})")
 
@@ -189,67 +163,28 @@ def test_compile_report_covers_every_row_config():
     assert len(variants) == 3 * 2 * len(norm_configs.row_configs())  # fp32, fp16, bf16
 
 
-def grads_through_autograd(inp, eps=EPS, weight_offset=0.0):
-    leaves = {k: (v.clone().requires_grad_() if v is not None else None)
-              for k, v in inp.items() if k in ("x", "weight", "residual")}
-    fn = registry.resolve("rms_norm", "triton")
-    out = fn(leaves["x"], leaves["weight"], eps, leaves["residual"], weight_offset=weight_offset)
-    if leaves["residual"] is None:
-        out.backward(inp["dy"])
-        outputs = (out, None)
-    else:
-        torch.autograd.backward(out, (inp["dy"], inp["ds"]))
-        outputs = out
-    return outputs, {k: (v.grad if v is not None else None) for k, v in leaves.items()}
-
-
 @pytest.mark.parametrize("weight,residual,weight_offset", [(True, True, 0.0), (True, False, 1.0), (False, True, 0.0)])
 def test_autograd_through_custom_ops(weight, residual, weight_offset, device):
     """The public functional (registered `triton` backend): any leading shape, grads of x,
     weight, and of the residual (= grad of x, including what flowed into s)."""
-    dtype = torch.float32
-    inp = make_inputs((2, 3, 2), 200, dtype, device, weight, residual, seed=21)
-    (y, s), grads = grads_through_autograd(inp, weight_offset=weight_offset)
-    ey, es, _, edx, edw = float64_reference(**inp, weight_offset=weight_offset)
-    assert_rel_close(y, ey, tol(dtype), "y")
-    if residual:
-        assert_rel_close(s, es, tol(dtype), "s")
-        assert_rel_close(grads["residual"], edx, tol(dtype), "dresidual")
-    assert_rel_close(grads["x"], edx, tol(dtype), "dx")
-    assert (grads["weight"] is None) == (edw is None)
-    if edw is not None:
-        assert_rel_close(grads["weight"], edw, tol(dtype), "dweight")
+    inp = make_inputs((2, 3, 2), 200, torch.float32, device, weight, residual, seed=21)
+    RMS_NORM.check_autograd_against_float64(inp, torch.float32, eps=EPS, weight_offset=weight_offset)
 
 
 def test_grads_are_bitwise_deterministic(device):
     """dweight (per-program partial rows, then a fixed-order reduction) and dx, twice."""
     inp = make_inputs((37,), 300, torch.float32, device, residual=True, seed=5)
-    _, first = grads_through_autograd(inp)
-    _, second = grads_through_autograd(inp)
-    for name in first:
-        assert torch.equal(first[name], second[name]), f"d{name} differs between two runs"
+    RMS_NORM.check_autograd_bitwise_deterministic(inp, eps=EPS)
 
 
 def test_strided_rows_and_leading_dims(device):
     """Row-strided input (a column slice) runs in place; leading dims that cannot be viewed as
     rows (a transpose) are copied by reshape; both give the reference result."""
-    n = 96
-    base = make_inputs((6, 4), 2 * n, torch.float32, device, seed=8)
-    x_slice = base["x"][..., :n]  # row stride 2n, last-dim stride 1
-    x_transposed = make_inputs((4, 6), n, torch.float32, device, seed=9)["x"].transpose(0, 1)
-    w = base["weight"][:n].contiguous()
-    for x in (x_slice, x_transposed):
-        y = rn.rms_norm(x, w)
-        assert_rel_close(y, rms_norm_spec.reference(x.double(), w.double()), tol(torch.float32), "y")
+    RMS_NORM.check_strided_rows_and_leading_dims(device)
 
 
 def test_zero_rows(device):
-    x = torch.randn(0, 16, device=device, requires_grad=True)
-    w = torch.randn(16, device=device, requires_grad=True)
-    y = rn.rms_norm(x, w)
-    assert y.shape == (0, 16)
-    y.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(16, device=device))
+    RMS_NORM.check_zero_rows(device)
 
 
 def test_torch_compile_fullgraph(device):
@@ -260,16 +195,8 @@ def test_torch_compile_fullgraph(device):
         y, s = rn.rms_norm(x, w, EPS, residual=r)
         return (y * y).sum() + (s * 0.5).sum() + rn.rms_norm(s, w, weight_offset=1.0).sum()
 
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     inp = make_inputs((2, 8), 64, torch.float32, device, residual=True, seed=13)
-    results = []
-    for fn in (block, compiled):
-        leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "residual")]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in leaves])
-    for name, a, e in zip(("loss", "dx", "dweight", "dresidual"), *results):
-        assert_rel_close(a, e, tol(torch.float32), name)
+    RMS_NORM.check_compiled_matches_eager(block, inp)
 
 
 def test_backends_registered():
@@ -300,13 +227,10 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("words", BAD_INPUTS)
 def test_bad_input_raises_before_writing(words, device):
     kwargs = BAD_INPUTS[words](torch.randn(4, 32, device=device), torch.randn(32, device=device))
-    out = (poison(torch.empty(4, 32, device=device)), torch.empty(0, device=device),
-           poison(torch.empty(4, device=device)))
-    with pytest.raises(TritonGPTError, match=words):
-        rn.rms_norm_fwd(kwargs["x"], kwargs.get("weight"), kwargs.get("residual"), kwargs.get("eps", EPS), out=out)
-    assert all(t.isnan().all() for t in out), "an output was written before the error"
-    with pytest.raises(TritonGPTError, match=words):  # the same error through the custom op
-        rn.rms_norm(**kwargs)
+    out = poisoned_forward_outputs(torch.empty(4, 32, device=device), None, stats=1)
+    launch = lambda: rn.rms_norm_fwd(kwargs["x"], kwargs.get("weight"), kwargs.get("residual"), kwargs.get("eps", EPS),
+                                     out=out)
+    RMS_NORM.check_raises_before_writing(words, launch, out, kwargs)
 
 
 def test_bad_out_and_grads(device):
@@ -335,19 +259,7 @@ def test_gpu_large_within_2x_pytorch_error(n, dtype):
     m = 16384
     inp = make_inputs((m,), n, dtype, "cuda", residual=True, seed=n)
     ours = run_launchers(**inp)
-    expected = float64_reference(**inp)
-    # PyTorch's own result in the same precision
-    leaves = [inp[k].clone().requires_grad_() for k in ("x", "weight", "residual")]
-    s = leaves[0] + leaves[2]
-    y = torch.nn.functional.rms_norm(s, (n,), leaves[1], EPS)
-    torch.autograd.backward((y, s), (inp["dy"], inp["ds"]))
-    theirs = {"y": y, "s": s, "dx": leaves[0].grad, "dweight": leaves[1].grad}
-    for name, a, e in zip(("y", "s", "rstd", "dx", "dweight"), ours, expected):
-        if name not in theirs:
-            continue
-        ours_err, theirs_err = rel_err(a, e.reshape(a.shape)), rel_err(theirs[name], e.reshape(a.shape))
-        assert ours_err <= tol(dtype), f"{name}: relative error {ours_err:.3g} > {tol(dtype)}"
-        assert ours_err <= 2 * theirs_err, f"{name}: relative error {ours_err:.3g} > 2x PyTorch's {theirs_err:.3g}"
+    RMS_NORM.check_within_twice_torch_error(OUTPUTS, ours, float64_reference(**inp), inp, dtype, eps=EPS)
 
 
 @pytest.mark.gpu

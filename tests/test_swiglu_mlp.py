@@ -11,35 +11,27 @@ tensor descriptors too; `-m gpu` adds bf16 and Llama sizes.
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import assert_rel_close, poison, rel_err, tol
+from _util import FusedMLP, assert_bitwise_equal, assert_rel_close, fixed_dy, seeded_randn, tol
 
 import tritongpt
 from tritongpt.errors import TritonGPTError
 from tritongpt.kernels import mlp, registry, swiglu_mlp, swiglu_mlp_spec
 
 OP = swiglu_mlp_spec.OP
+SWIGLU_MLP = FusedMLP(swiglu_mlp, swiglu_mlp.swiglu_mlp, swiglu_mlp_spec.reference)
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every Triton output (H, G, U, dG, dU) starts as NaN, so an element a kernel fails to write
     fails the comparison."""
-    allocate = swiglu_mlp._empty
-    monkeypatch.setattr(swiglu_mlp, "_empty", lambda *args: poison(allocate(*args)))
+    SWIGLU_MLP.poison_allocations(monkeypatch)
 
 
 @pytest.fixture
 def launched(monkeypatch):
     """The paths ("tma" / "pointer") the fused kernels ran on, one entry per launch."""
-    paths = []
-    launch = swiglu_mlp._launch
-
-    def spy(*args):
-        paths.append(args[-1])
-        return launch(*args)
-
-    monkeypatch.setattr(swiglu_mlp, "_launch", spy)
-    return paths
+    return SWIGLU_MLP.record_launch_paths(monkeypatch)
 
 
 @pytest.fixture(params=["tma", "pointer"])
@@ -51,50 +43,11 @@ def path(request, monkeypatch):
     return request.param
 
 
-def hopper_or_interpreter(device):
-    """Where the automatic choice may take the TMA path."""
-    return device.type == "cpu" or torch.cuda.get_device_capability(device)[0] == 9
-
-
-def tma_addressable(c, f, dtype):
-    """Whether TMA can address the operands of a SwiGLU MLP of width c, hidden f (16-byte row strides)."""
-    per_16_bytes = 128 // torch.finfo(dtype).bits
-    return c % per_16_bytes == 0 and f % per_16_bytes == 0
-
-
 def make_inputs(lead, c, f, dtype, device, seed, residual=True):
     """Fresh random x (*lead, C), nn.Linear-layout weights scaled 1/sqrt(fan_in), residual."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
+    rand = seeded_randn(seed, device, dtype)
     return dict(x=rand(*lead, c), w_gate=rand(f, c, scale=c ** -0.5), w_up=rand(f, c, scale=c ** -0.5),
                 w_down=rand(c, f, scale=f ** -0.5), residual=rand(*lead, c) if residual else None)
-
-
-def run(fn, inputs, dy, **kwargs):
-    """y = fn(**inputs, **kwargs) and the gradients of <y, dy> wrt every tensor input."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    y = fn(**{**inputs, **leaves}, **kwargs)
-    y.backward(dy)
-    return y.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def fresh_dy(x, seed=1234):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device, x.dtype)
-
-
-def check_against_reference(inputs, recompute, dtype):
-    dy = fresh_dy(inputs["x"])
-    y, grads = run(swiglu_mlp.swiglu_mlp, inputs, dy, recompute=recompute)
-    inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(swiglu_mlp_spec.reference, inputs64, dy.double())
-    assert_rel_close(y, y64, tol(dtype), "y")
-    assert grads.keys() == grads64.keys()
-    for name in grads64:
-        assert_rel_close(grads[name], grads64[name], tol(dtype), f"d{name}")
 
 
 # (leading dims of x, C, F, recompute, residual): M, C and F cover 1, 17, 100, non-multiples of 16
@@ -118,9 +71,8 @@ CASES = [
                               f"{'-res' if k[4] else ''}" for k in CASES])
 def test_matches_float64_reference(lead, c, f, recompute, residual, dtype, device, path, launched):
     inputs = make_inputs(lead, c, f, dtype, device, seed=hash((lead, c, f)) % 2**31, residual=residual)
-    check_against_reference(inputs, recompute, dtype)
-    ran = "tma" if path == "tma" and tma_addressable(c, f, dtype) else "pointer"
-    assert launched == [ran] * (3 if recompute else 2), launched  # fc, (fc again,) dH
+    SWIGLU_MLP.check_against_float64(inputs, dtype, recompute)
+    SWIGLU_MLP.assert_launch_paths(launched, path, c, f, dtype, recompute)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -132,9 +84,8 @@ def test_fuzzed_shapes(seed, device, path, launched):
     lead = (m,) if seed % 2 else (1, m)
     recompute, residual = bool(seed & 2), not seed & 1
     inputs = make_inputs(lead, c, f, torch.float16, device, seed=seed, residual=residual)
-    check_against_reference(inputs, recompute, torch.float16)
-    ran = "tma" if path == "tma" and tma_addressable(c, f, torch.float16) else "pointer"
-    assert launched == [ran] * (3 if recompute else 2), (m, c, f, launched)
+    SWIGLU_MLP.check_against_float64(inputs, torch.float16, recompute)
+    SWIGLU_MLP.assert_launch_paths(launched, path, c, f, torch.float16, recompute)
 
 
 @pytest.mark.slow
@@ -143,7 +94,7 @@ def test_fuzzed_shapes(seed, device, path, launched):
 def test_larger_sizes(m, c, f, dtype, device, path, launched):
     """Many tiles per persistent program, several K blocks, and (C = 8) one narrow K."""
     for recompute in (False, True):
-        check_against_reference(make_inputs((m,), c, f, dtype, device, seed=m + c), recompute, dtype)
+        SWIGLU_MLP.check_against_float64(make_inputs((m,), c, f, dtype, device, seed=m + c), dtype, recompute)
     assert set(launched) == {path}
 
 
@@ -180,11 +131,8 @@ def test_recompute_gives_bitwise_identical_results(residual, device, path):
     """recompute=True reruns the forward's fused kernel in backward (same tiles): every output and
     gradient equals the default mode's bit for bit."""
     inputs = make_inputs((37,), 40, 72, torch.float32, device, seed=23, residual=residual)
-    dy = fresh_dy(inputs["x"], seed=5)
-    kept, recomputed = (run(swiglu_mlp.swiglu_mlp, inputs, dy, recompute=r) for r in (False, True))
-    assert torch.equal(kept[0], recomputed[0])
-    for k in kept[1]:
-        assert torch.equal(kept[1][k], recomputed[1][k]), k
+    dy = fixed_dy(inputs["x"], seed=5)
+    assert_bitwise_equal(*(SWIGLU_MLP.run(inputs, dy, recompute=r) for r in (False, True)))
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -192,18 +140,7 @@ def test_recompute_keeps_no_hidden_activations(recompute, device):
     """recompute=True saves no (M, F) tensor for backward; otherwise H, G and U are kept."""
     m, c, f = 9, 16, 48
     inputs = make_inputs((m,), c, f, torch.float32, device, seed=3, residual=False)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
-    saved = []
-
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = swiglu_mlp.swiglu_mlp(**leaves, recompute=recompute)
-    assert saved.count((m, f)) == (0 if recompute else 3)
-    y.backward(torch.randn_like(y))
-    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+    SWIGLU_MLP.check_saved_for_backward(inputs, (m, f), 0 if recompute else 3, recompute=recompute)
 
 
 def test_strided_views_and_expanded_grad(device, launched):
@@ -215,45 +152,23 @@ def test_strided_views_and_expanded_grad(device, launched):
               "w_gate": inputs["w_gate"][:, :c].contiguous(), "w_up": inputs["w_up"][:, c:].contiguous(),
               "w_down": inputs["w_down"][:c]}
     assert inputs["x"].stride(-2) == 2 * c
-    ys = {}
-    for name, fn, dtype in (("triton", swiglu_mlp.swiglu_mlp, torch.float32),
-                            ("reference", swiglu_mlp_spec.reference, torch.float64)):
-        leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-        y = fn(**leaves)
-        y.sum().backward()
-        ys[name] = (y.detach(), {k: v.grad for k, v in leaves.items()})
-    assert_rel_close(ys["triton"][0], ys["reference"][0], tol(torch.float32), "y")
-    for k in inputs:
-        assert_rel_close(ys["triton"][1][k], ys["reference"][1][k], tol(torch.float32), f"d{k}")
-    assert launched == ["tma" if hopper_or_interpreter(device) else "pointer", "pointer"]
+    SWIGLU_MLP.check_sum_grads_against_float64(inputs)
+    assert launched == [SWIGLU_MLP.automatic_path(device), "pointer"]
 
 
 def test_empty_batch(device):
-    inputs = make_inputs((0,), 16, 32, torch.float32, device, seed=5, residual=False)
-    y, grads = run(swiglu_mlp.swiglu_mlp, inputs, torch.empty(0, 16, device=device))
-    assert y.shape == (0, 16)
-    assert all(g.abs().sum() == 0 for g in grads.values() if g.numel())
+    SWIGLU_MLP.check_empty_batch(make_inputs((0,), 16, 32, torch.float32, device, seed=5, residual=False))
 
 
 def test_torch_compile_fullgraph_traces_the_custom_ops(device):
     inputs = make_inputs((2, 5), 24, 40, torch.float32, device, seed=11)
-    dy = torch.randn(2, 5, 24, device=device)
-    compiled = torch.compile(swiglu_mlp.swiglu_mlp, fullgraph=True,
-                             backend="aot_eager" if device.type == "cpu" else "inductor")
-    for recompute in (False, True):
-        y, grads = run(compiled, inputs, dy, recompute=recompute)
-        y_eager, grads_eager = run(swiglu_mlp.swiglu_mlp, inputs, dy, recompute=recompute)
-        assert torch.equal(y, y_eager)
-        for k in grads_eager:
-            assert torch.equal(grads[k], grads_eager[k]), k
+    SWIGLU_MLP.check_compiled_matches_eager(inputs, torch.randn(2, 5, 24, device=device))
 
 
 def test_bitwise_deterministic(device, path):
     inputs = make_inputs((37,), 40, 72, torch.float32, device, seed=17)
     dy = torch.randn(37, 40, device=device)
-    first, second = (run(swiglu_mlp.swiglu_mlp, inputs, dy) for _ in range(2))
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    assert_bitwise_equal(*(SWIGLU_MLP.run(inputs, dy) for _ in range(2)))
 
 
 def test_registered_backends():
@@ -285,14 +200,7 @@ def _bad_inputs(device):
 @pytest.mark.parametrize("case", range(len(_bad_inputs("cpu"))), ids=[name for name, _ in _bad_inputs("cpu")])
 def test_bad_input_raises_before_launch(case, device, monkeypatch):
     message, kwargs = _bad_inputs(device)[case]
-
-    def no_output(*args):
-        raise AssertionError("an output was allocated before the input check")
-
-    monkeypatch.setattr(swiglu_mlp, "_empty", no_output)
-    monkeypatch.setattr(swiglu_mlp, "_launch", no_output)
-    with pytest.raises(TritonGPTError, match=message):
-        swiglu_mlp.swiglu_mlp(**kwargs)
+    SWIGLU_MLP.check_raises_before_launch(monkeypatch, message, kwargs)
 
 
 def test_launchers_check_their_inputs(device, monkeypatch):
@@ -325,15 +233,7 @@ def test_llama_sizes_within_twice_pytorch_error(c, f, recompute, residual, dtype
     float64 is within the dtype's tolerance and at most twice PyTorch's own in the same precision."""
     inputs = make_inputs((8, 2048), c, f, dtype, device, seed=c, residual=residual)
     dy = torch.randn(8, 2048, c, device=device, dtype=dtype)
-    y, grads = run(swiglu_mlp.swiglu_mlp, inputs, dy, recompute=recompute)
-    y_torch, grads_torch = run(swiglu_mlp_spec.reference, inputs, dy)
-    inputs64 = {k: v.double() if v is not None else None for k, v in inputs.items()}
-    y64, grads64 = run(swiglu_mlp_spec.reference, inputs64, dy.double())
-    for name, ours, theirs, exact in [("y", y, y_torch, y64)] + [
-            (f"d{k}", grads[k], grads_torch[k], grads64[k]) for k in grads64]:
-        assert_rel_close(ours, exact, tol(dtype), name)
-        assert rel_err(ours, exact) <= 2 * rel_err(theirs, exact), (
-            f"{name}: error {rel_err(ours, exact):.3g} > 2x PyTorch's {rel_err(theirs, exact):.3g}")
+    SWIGLU_MLP.check_within_twice_torch_error(inputs, dy, dtype, recompute)
 
 
 @pytest.mark.gpu
@@ -341,17 +241,14 @@ def test_fp32_on_gpu_recompute_and_deterministic(device):
     """fp32 at a SmolLM size under 'highest' matmul precision (ieee dots): 1e-5 holds; reruns and the
     recompute mode give bitwise equal results."""
     inputs = make_inputs((4, 1024), 576, 1536, torch.float32, device, seed=1)
-    check_against_reference(inputs, False, torch.float32)
+    SWIGLU_MLP.check_against_float64(inputs, torch.float32, False)
     dy = torch.randn(4, 1024, 576, device=device)
-    first, second, recomputed = (run(swiglu_mlp.swiglu_mlp, inputs, dy, recompute=r) for r in (False, False, True))
-    for other in (second, recomputed):
-        assert torch.equal(first[0], other[0])
-        assert all(torch.equal(first[1][k], other[1][k]) for k in first[1])
+    assert_bitwise_equal(*(SWIGLU_MLP.run(inputs, dy, recompute=r) for r in (False, False, True)))
 
 
 @pytest.mark.gpu
 def test_hopper_takes_the_tma_path(device, launched):
     """On sm_90 Llama shapes run the persistent TMA kernel; elsewhere the pointer kernel."""
     inputs = make_inputs((2, 1024), 2048, 5632, torch.bfloat16, device, seed=2)
-    run(swiglu_mlp.swiglu_mlp, inputs, torch.randn(2, 1024, 2048, device=device, dtype=torch.bfloat16))
-    assert launched == ["tma" if hopper_or_interpreter(device) else "pointer"] * 2
+    SWIGLU_MLP.run(inputs, torch.randn(2, 1024, 2048, device=device, dtype=torch.bfloat16))
+    assert launched == [SWIGLU_MLP.automatic_path(device)] * 2
