@@ -14,7 +14,7 @@ The fused GEMM has two implementations with the same epilogues (`choose_path` pi
   "pointer"  `_mlp_matmul_kernel`: one program per tile, pointer loads; sm_80, operands TMA cannot
              address (odd widths, stride-0 grads), and a Triton without host tensor descriptors.
 The SwiGLU MLP (kernels/swiglu_mlp.py) shares `choose_path`, `tile_coords`, `column_quarters`,
-`persistent_programs` and `linear`. Weights stay in nn.Linear layout (out, in); neither path copies them.
+`tile_grid`, `launch_tma` and `linear`. Weights stay in nn.Linear layout (out, in); neither path copies them.
 `recompute=True` keeps neither h nor a for backward, which recomputes both with the forward's fused
 kernel (saves 2 * M * Hid activations per block). Choosing between this backend and others by measurement is the `auto`
 backend's job; `torch._addmm_activation(..., use_gelu=True)` (cuBLASLt's GELU epilogue) is not used:
@@ -25,6 +25,8 @@ kernels/mlp_configs.py.
     python -m pytest -q -m gpu tests/test_mlp.py                 # GPU: bf16, GPT-2 sizes
     tritongpt kernels compile --arch sm_90 --filter _mlp_        # AOT compile report, no GPU
 """
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -273,15 +275,10 @@ def _mlp_tma_kernel(
         off_cn = pid_n * BLOCK_N
         # Epilogue in four column quarters, each a TMA block: fewer registers live in the GELU math at a
         # time and a quarter-tile of shared-memory staging for the TMA stores.
-        q0, q1, q2, q3 = column_quarters(acc, BLOCK_M, BLOCK_N)
-        _tma_epilogue(q0, pid_m, off_cm, off_cn, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
-                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
-        _tma_epilogue(q1, pid_m, off_cm, off_cn + BLOCK_N // 4, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
-                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
-        _tma_epilogue(q2, pid_m, off_cm, off_cn + BLOCK_N // 2, c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
-                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
-        _tma_epilogue(q3, pid_m, off_cm, off_cn + 3 * (BLOCK_N // 4), c_desc, aux_desc, bias_ptr, col_sum_ptr, M, N,
-                      HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
+        quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
+        for j in tl.static_range(4):  # unrolled: quarters[j] needs a compile-time j
+            _tma_epilogue(quarters[j], pid_m, off_cm, off_cn + j * (BLOCK_N // 4), c_desc, aux_desc, bias_ptr,
+                          col_sum_ptr, M, N, HAS_BIAS, EPILOGUE, APPROXIMATE, BLOCK_M, BLOCK_N // 4, SUM_ROWS)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -310,10 +307,30 @@ def choose_path(*tensors: torch.Tensor) -> str:
 
 
 def persistent_programs(device: torch.device) -> int:
-    """Persistent programs of the TMA kernel: one per SM."""
+    """Persistent programs of the TMA kernels: one per SM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_PROGRAMS
+
+
+def tile_grid(m: int, n: int, programs: int | None = None) -> Callable[[dict], tuple[int]]:
+    """Launch grid of a fused GEMM over an (m, n) C in the running config's (BLOCK_M, BLOCK_N) tiles:
+    one program per tile, or with `programs`, at most that many persistent ones walking the tiles."""
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (tiles if programs is None else min(programs, tiles),)
+    return grid
+
+
+def launch_tma(kernel, tensors: tuple, pointers: tuple, m: int, n: int, k: int, **constexprs) -> None:
+    """Launch the persistent TMA kernel `kernel` over an (m, n) C, one program per SM (fewer when there
+    are fewer tiles). Its arguments: a descriptor over each of `tensors` (None stays None), `pointers`,
+    m, n, k, DTYPE (the autotune key: tensors[0]'s dtype), NUM_SMS and `constexprs`."""
+    programs = persistent_programs(tensors[0].device)
+    # [1, 1] blocks for now: the autotune pre-hook gives each descriptor the running config's block shape
+    descs = [None if t is None else TensorDescriptor.from_tensor(t, [1, 1]) for t in tensors]
+    kernel[tile_grid(m, n, programs)](*descs, *pointers, m, n, k, DTYPE=str(tensors[0].dtype).removeprefix("torch."),
+                                      NUM_SMS=programs, **constexprs)
 
 
 def _check(a_name: str, a: torch.Tensor, w: torch.Tensor, approximate: str, **others: torch.Tensor | None) -> None:
@@ -339,20 +356,10 @@ def _launch(a: torch.Tensor, w: torch.Tensor, w_nk: bool, c: torch.Tensor, aux: 
     common = dict(HAS_BIAS=bias is not None, EPILOGUE=epilogue, APPROXIMATE=approximate,
                   INPUT_PRECISION=checks.input_precision(a.dtype), SUM_ROWS=mlp_configs.sum_rows(path))
     if path == "tma":
-        programs = persistent_programs(a.device)
-
-        def desc(t):  # block shapes come from the chosen config (the autotune pre-hook)
-            return None if t is None else TensorDescriptor.from_tensor(t, [1, 1])
-
-        def grid(meta):
-            return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-
-        _mlp_tma_kernel[grid](
-            desc(a), desc(w), desc(c), desc(aux), bias, col_sums, m, n, k,
-            DTYPE=str(a.dtype).removeprefix("torch."), B_NK=w_nk, NUM_SMS=programs, **common)
+        launch_tma(_mlp_tma_kernel, (a, w, c, aux), (bias, col_sums), m, n, k, B_NK=w_nk, **common)
         return
     stride_bk, stride_bn = (w.stride(1), w.stride(0)) if w_nk else (w.stride(0), w.stride(1))
-    _mlp_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+    _mlp_matmul_kernel[tile_grid(m, n)](
         a, w, c, bias, aux, col_sums, m, n, k, a.stride(0), a.stride(1), stride_bk, stride_bn,
         c.stride(0), c.stride(1), aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
         **common)

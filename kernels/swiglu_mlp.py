@@ -13,7 +13,7 @@ The forward is one GEMM of x against [Wg; Wu] as xformers' and CUTLASS's "dual G
 program holds a gate tile and the matching up tile, so the epilogue multiplies them in registers and
 only H leaves the chip; the weights stay two nn.Linear-layout tensors, never concatenated or copied.
 The fused GEMMs have the GELU MLP's two implementations (kernels/mlp.py, whose `choose_path`, grouped
-tile order and persistent-program count they use):
+tile order, column quarters and launch helpers they use):
   "tma"      `_swiglu_tma_kernel`, Hopper: persistent, operands and outputs through TMA tensor
              descriptors, the epilogue in column quarters (Triton's persistent-matmul tutorial, 09).
   "pointer"  `_swiglu_matmul_kernel`: one program per tile, pointer loads; sm_80, operands TMA cannot
@@ -199,18 +199,15 @@ def _swiglu_tma_kernel(
         off_cn = pid_n * BLOCK_N
         # Epilogue in four column quarters, each a TMA block: fewer registers live at a time and a
         # quarter-tile of shared-memory staging per TMA store.
-        q0, q1, q2, q3 = column_quarters(acc, BLOCK_M, BLOCK_N)
+        quarters = column_quarters(acc, BLOCK_M, BLOCK_N)
         if EPILOGUE == "swiglu":
-            u0, u1, u2, u3 = column_quarters(acc2, BLOCK_M, BLOCK_N)
-            _tma_forward_epilogue(q0, u0, off_cm, off_cn, c_desc, g_desc, u_desc, SAVE_GU)
-            _tma_forward_epilogue(q1, u1, off_cm, off_cn + BLOCK_N // 4, c_desc, g_desc, u_desc, SAVE_GU)
-            _tma_forward_epilogue(q2, u2, off_cm, off_cn + BLOCK_N // 2, c_desc, g_desc, u_desc, SAVE_GU)
-            _tma_forward_epilogue(q3, u3, off_cm, off_cn + 3 * (BLOCK_N // 4), c_desc, g_desc, u_desc, SAVE_GU)
+            ups = column_quarters(acc2, BLOCK_M, BLOCK_N)
+            for j in tl.static_range(4):  # unrolled: quarters[j] needs a compile-time j
+                _tma_forward_epilogue(quarters[j], ups[j], off_cm, off_cn + j * (BLOCK_N // 4), c_desc, g_desc, u_desc,
+                                      SAVE_GU)
         else:
-            _tma_grad_epilogue(q0, off_cm, off_cn, c_desc, c2_desc, g_desc, u_desc)
-            _tma_grad_epilogue(q1, off_cm, off_cn + BLOCK_N // 4, c_desc, c2_desc, g_desc, u_desc)
-            _tma_grad_epilogue(q2, off_cm, off_cn + BLOCK_N // 2, c_desc, c2_desc, g_desc, u_desc)
-            _tma_grad_epilogue(q3, off_cm, off_cn + 3 * (BLOCK_N // 4), c_desc, c2_desc, g_desc, u_desc)
+            for j in tl.static_range(4):
+                _tma_grad_epilogue(quarters[j], off_cm, off_cn + j * (BLOCK_N // 4), c_desc, c2_desc, g_desc, u_desc)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -238,16 +235,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, c: torch.
     n = c.shape[1]
     common = dict(EPILOGUE=epilogue, SAVE_GU=save_gu, INPUT_PRECISION=checks.input_precision(a.dtype))
     if path == "tma":
-        programs = mlp.persistent_programs(a.device)
-
-        def desc(t):  # block shapes come from the chosen config (the autotune pre-hook)
-            return None if t is None else mlp.TensorDescriptor.from_tensor(t, [1, 1])
-
-        def grid(meta):
-            return (min(programs, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
-
-        _swiglu_tma_kernel[grid](desc(a), desc(b), desc(b2), desc(c), desc(c2), desc(g), desc(u), m, n, k,
-                                 DTYPE=str(a.dtype).removeprefix("torch."), NUM_SMS=programs, **common)
+        mlp.launch_tma(_swiglu_tma_kernel, (a, b, b2, c, c2, g, u), (), m, n, k, **common)
         return
 
     def kn_strides(w):  # (stride along K, stride along N) of B read from w
@@ -256,7 +244,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, c: torch.
         return (w.stride(1), w.stride(0)) if epilogue == "swiglu" else (w.stride(0), w.stride(1))
 
     aux = g if g is not None else c  # G and U share strides; without them the strides go unused
-    _swiglu_matmul_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
+    _swiglu_matmul_kernel[mlp.tile_grid(m, n)](
         a, b, b2, c, c2, g, u, m, n, k, a.stride(0), a.stride(1), *kn_strides(b), *kn_strides(b2),
         c.stride(0), c.stride(1), aux.stride(0), aux.stride(1), **common)
 
