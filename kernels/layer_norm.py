@@ -19,9 +19,10 @@ Layout of this file (Liger-Kernel ladder):
      implementations and autograd, so torch.compile(fullgraph=True) traces through them.
   4. the public functional `layer_norm`, registered as the `triton` backend of op `layer_norm`.
 Tile configs (`row_config`, `bwd_grid`, the reduction's) are the row-normalization table shared with
-RMSNorm (kernels/norm_configs.py), which also reuses `load_s_chunk`, the partial-sum reduction
-(`reduce_partials`) and the launchers' helpers here; the compile report's variants:
-kernels/layer_norm_configs.py.
+RMSNorm (kernels/norm_configs.py), which also reuses the jit helpers here that do not centre
+(`load_s_chunk` / `reload_s_chunk`, `load_dy_s`, `store_dx`), the partial-sum reduction
+(`reduce_partials`) and the launchers' helpers (`as_rows`, `outputs`, `check_grads`, `check_row_stats`,
+`unit_stride`); the compile report's variants: kernels/layer_norm_configs.py.
 """
 
 from __future__ import annotations
@@ -95,10 +96,7 @@ def _layer_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            if HAS_RESIDUAL:
-                s = tl.load(S + out_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            else:
-                s = tl.load(X + x_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = reload_s_chunk(X, S, x_off, out_off, cols, mask, HAS_RESIDUAL)
             centered = tl.where(mask, s - mean[:, None], 0.0)
             _normalize_store_chunk(centered, rstd, W, B, Y + out_off, cols, mask, N, HAS_WEIGHT, HAS_BIAS)
     tl.store(MEAN + rows, mean, mask=row_mask)
@@ -125,6 +123,25 @@ def load_s_chunk(
         s_stored = s.to(S.dtype.element_ty)
         tl.store(S + s_off + cols[None, :], s_stored, mask=mask)
         s = s_stored.to(tl.float32)
+    return s
+
+
+@triton.jit
+def reload_s_chunk(
+    X,  # input rows
+    S,  # output s rows (read only if HAS_RESIDUAL)
+    x_off,  # (ROWS, 1) offsets of the rows in X
+    s_off,  # (ROWS, 1) offsets of the rows in S
+    cols,  # (BLOCK_N,) column indices of this chunk
+    mask,  # (ROWS, BLOCK_N) valid elements
+    HAS_RESIDUAL: tl.constexpr,  # s was stored to S by `load_s_chunk`
+):
+    """The chunk of s that `load_s_chunk` returned, as fp32 and zero where masked, read back for a
+    second pass: from S where it was stored, else from X."""
+    if HAS_RESIDUAL:
+        s = tl.load(S + s_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(X + x_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return s
 
 
@@ -240,7 +257,7 @@ def _layer_norm_bwd_kernel(
                                               N, HAS_WEIGHT)
                 c1 = tl.load(ROW_SUMS + rows, mask=row_mask, other=0.0)
                 c2 = tl.load(ROW_SUMS + M + rows, mask=row_mask, other=0.0)
-                _bwd_store_dx(g, xhat, c1, c2, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+                store_dx(g, xhat * c1[:, None] + c2[:, None], rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
                 dw_acc += dy * xhat
                 db_acc += dy
             if HAS_WEIGHT:
@@ -280,7 +297,7 @@ def _bwd_tile(
         g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     c1 = tl.sum(xhat * g, axis=1) / N
     c2 = tl.sum(g, axis=1) / N
-    _bwd_store_dx(g, xhat, c1, c2, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+    store_dx(g, xhat * c1[:, None] + c2[:, None], rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
     return dw_acc + dy * xhat, db_acc + dy
 
 
@@ -301,13 +318,27 @@ def _bwd_load_tile(
     """(dy, s, mean, rstd) of rows r0 .. r0 + ROWS, dy and s in their storage dtype, zero where masked."""
     rows = r0 + tl.arange(0, ROWS)
     row_mask = rows < row_end
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0)
-    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0)
+    dy, s = load_dy_s(DY, S, rows, stride_dy_row, stride_s_row, cols, row_mask[:, None] & col_mask[None, :])
     mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
     rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
     return dy, s, mean, rstd
+
+
+@triton.jit
+def load_dy_s(
+    DY,  # gradient of Y
+    S,  # the normalized input s
+    rows,  # (ROWS,) row indices
+    stride_dy_row,  # elements between rows of DY
+    stride_s_row,  # elements between rows of S
+    cols,  # (BLOCK_N,) column indices
+    mask,  # (ROWS, BLOCK_N) valid elements
+):
+    """(dy, s) of the given rows and columns, in their storage dtype, zero where masked."""
+    rows64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0)
+    return dy, s
 
 
 @triton.jit
@@ -326,10 +357,9 @@ def _bwd_load_chunk(
     HAS_WEIGHT: tl.constexpr,  # g = dy * w, else g = dy
 ):
     """(dy, xhat, g = dy * w) for one chunk of rows, fp32, all zero where masked."""
-    rows64 = rows.to(tl.int64)[:, None]
-    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+    dy, s = load_dy_s(DY, S, rows, stride_dy_row, stride_s_row, cols, mask)
+    dy = dy.to(tl.float32)
+    xhat = tl.where(mask, (s.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
     g = dy
     if HAS_WEIGHT:
         g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -337,12 +367,10 @@ def _bwd_load_chunk(
 
 
 @triton.jit
-def _bwd_store_dx(
-    g,  # fp32 (ROWS, BLOCK_N) dy * w
-    xhat,  # fp32 (ROWS, BLOCK_N) (s - mean) * rstd
-    c1,  # fp32 (ROWS,) row mean of xhat * g
-    c2,  # fp32 (ROWS,) row mean of g
-    rstd,  # fp32 (ROWS,) row 1/std
+def store_dx(
+    g,  # fp32 (ROWS, BLOCK_N) dy times the weight (dy without one)
+    g_proj,  # fp32 (ROWS, BLOCK_N) what the normalization takes out of g: xhat * c1 + c2 (RMSNorm: xhat * c)
+    rstd,  # fp32 (ROWS,) row 1/std (RMSNorm: 1/rms)
     DS,  # gradient of the S output (read only if HAS_DS)
     DX,  # (M, N) contiguous output
     rows,  # (ROWS,) row indices
@@ -352,7 +380,8 @@ def _bwd_store_dx(
     mask,  # (ROWS, BLOCK_N) valid elements
     HAS_DS: tl.constexpr,  # add the gradient that reached the S output
 ):
-    dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    """dx = (g - g_proj) * rstd (+ ds), stored."""
+    dx = (g - g_proj) * rstd[:, None]
     rows64 = rows.to(tl.int64)[:, None]
     if HAS_DS:
         dx += tl.load(DS + rows64 * stride_ds_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -417,6 +446,35 @@ def check_out(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], like:
             f"{like.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def outputs(op: str, like: torch.Tensor, out: tuple[torch.Tensor, ...] | None,
+            *specs: tuple[str, tuple[int, ...], torch.dtype]) -> tuple[torch.Tensor, ...]:
+    """The outputs of `op` described by `specs` ((name, shape, dtype) each) on `like`'s device:
+    allocated, or the preallocated `out` once each is checked (`check_out`)."""
+    if out is None:
+        return tuple(like.new_empty(shape, dtype=dtype) for _, shape, dtype in specs)
+    for t, (name, shape, dtype) in zip(out, specs, strict=True):
+        check_out(op, name, t, shape, like, dtype)
+    return tuple(out)
+
+
+def check_grads(op: str, s: torch.Tensor, dy: torch.Tensor, ds: torch.Tensor | None) -> None:
+    """The gradients dy of y and ds of the s output (None: no s output) of a backward of `op` match
+    the normalized input s in kind, device and shape."""
+    checks.same_kind(op, "s", s, dy=dy, ds=ds)
+    checks.triton_device(op, dy=dy, ds=ds)
+    for name, t in (("dy", dy), ("ds", ds)):
+        require(t is None or t.shape == s.shape,
+                f"{op}: {name} shape {tuple(t.shape) if t is not None else None} "
+                f"!= input shape {tuple(s.shape)}")
+
+
+def check_row_stats(op: str, m: int, s: torch.Tensor, **stats: torch.Tensor) -> None:
+    """Each of the forward's per-row statistics `stats` (e.g. rstd) is fp32 (m,) on s's device."""
+    for name, t in stats.items():
+        require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
+                f"{op}: {name} must be fp32 ({m},) on {s.device}, got {tuple(t.shape)} {t.dtype}")
+
+
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    residual: torch.Tensor | None, eps: float,
                    out: tuple[torch.Tensor, ...] | None = None
@@ -428,18 +486,9 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     require(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
     x2 = as_rows(x, n)
     m = x2.shape[0]
-    if out is None:
-        y = x.new_empty(x.shape)
-        s = x.new_empty(x.shape if residual is not None else (0,))
-        mean = x.new_empty((m,), dtype=torch.float32)
-        rstd = x.new_empty((m,), dtype=torch.float32)
-    else:
-        y, s, mean, rstd = out
-        for name, t, shape, dtype in (("y", y, x.shape, x.dtype),
-                                      ("s", s, x.shape if residual is not None else (0,), x.dtype),
-                                      ("mean", mean, (m,), torch.float32),
-                                      ("rstd", rstd, (m,), torch.float32)):
-            check_out("layer_norm", name, t, shape, x, dtype)
+    y, s, mean, rstd = outputs("layer_norm", x, out, ("y", x.shape, x.dtype),
+                               ("s", x.shape if residual is not None else (0,), x.dtype),
+                               ("mean", (m,), torch.float32), ("rstd", (m,), torch.float32))
     if m == 0:
         return y, s, mean, rstd
     r2 = as_rows(residual, n) if residual is not None else None
@@ -472,29 +521,14 @@ def layer_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor,
     empty tensor when weight is None, dbias when has_bias is False. dx is also the residual's
     gradient. Reductions over rows are deterministic (fixed per-program groups, fixed order)."""
     n = _check_inputs(s, weight, None, None)
-    checks.same_kind("layer_norm", "s", s, dy=dy, ds=ds)
-    checks.triton_device("layer_norm", dy=dy, ds=ds)
-    for name, t in (("dy", dy), ("ds", ds)):
-        require(t is None or t.shape == s.shape,
-                f"layer_norm: {name} shape {tuple(t.shape) if t is not None else None} "
-                f"!= input shape {tuple(s.shape)}")
+    check_grads("layer_norm", s, dy, ds)
     s2, dy2 = as_rows(s, n), as_rows(dy, n)
     m = s2.shape[0]
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        require(t.shape == (m,) and t.dtype == torch.float32 and t.device == s.device,
-                f"layer_norm: {name} must be fp32 ({m},) on {s.device}, got {tuple(t.shape)} {t.dtype}")
+    check_row_stats("layer_norm", m, s, mean=mean, rstd=rstd)
     param_dtype = weight.dtype if weight is not None else s.dtype
-    dw_shape = (n,) if weight is not None else (0,)
-    db_shape = (n,) if has_bias else (0,)
-    if out is None:
-        dx = s.new_empty(s.shape)
-        dw = s.new_empty(dw_shape, dtype=param_dtype)
-        db = s.new_empty(db_shape, dtype=param_dtype)
-    else:
-        dx, dw, db = out
-        for name, t, shape, dtype in (("dx", dx, s.shape, s.dtype), ("dweight", dw, dw_shape, param_dtype),
-                                      ("dbias", db, db_shape, param_dtype)):
-            check_out("layer_norm", name, t, shape, s, dtype)
+    dx, dw, db = outputs("layer_norm", s, out, ("dx", s.shape, s.dtype),
+                         ("dweight", (n,) if weight is not None else (0,), param_dtype),
+                         ("dbias", (n,) if has_bias else (0,), param_dtype))
     has_dw = weight is not None
     if m == 0:
         dw.zero_()

@@ -10,6 +10,8 @@ fused residual add, else y.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -18,20 +20,27 @@ from tritongpt.kernels import checks, registry
 from tritongpt.kernels.spec import Case, Inputs, ModelShape, OpSpec
 
 
+def check_rows(op: str, x: torch.Tensor, residual: torch.Tensor | None, **params: torch.Tensor | None) -> int:
+    """Checks the inputs of a normalization `op` over the last dim (LayerNorm's, RMSNorm's): x has
+    one, each of `params` (weight, bias: None where absent) is (N,), the residual is x's shape, all
+    of x's kind. Returns N."""
+    require(x.dim() >= 1 and x.shape[-1] >= 1, f"{op}: x must have a last dim >= 1, got {checks.describe(x)}")
+    checks.same_kind(op, "x", x, **params, residual=residual)
+    n = x.shape[-1]
+    for name, p in params.items():
+        require(p is None or tuple(p.shape) == (n,),
+                f"{op}: {name} must have shape ({n},) to match x's last dim, "
+                f"got {tuple(p.shape) if p is not None else None}")
+    require(residual is None or residual.shape == x.shape,
+            f"{op}: residual shape {tuple(residual.shape) if residual is not None else None} "
+            f"!= x shape {tuple(x.shape)}")
+    return n
+
+
 def check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
           residual: torch.Tensor | None) -> int:
     """Checks LayerNorm inputs; returns N, the normalized (last) dim."""
-    require(x.dim() >= 1 and x.shape[-1] >= 1, f"layer_norm: x must have a last dim >= 1, got {checks.describe(x)}")
-    checks.same_kind("layer_norm", "x", x, weight=weight, bias=bias, residual=residual)
-    n = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
-        require(p is None or tuple(p.shape) == (n,),
-                f"layer_norm: {name} must have shape ({n},) to match x's last dim, "
-                f"got {tuple(p.shape) if p is not None else None}")
-    require(residual is None or residual.shape == x.shape,
-            f"layer_norm: residual shape {tuple(residual.shape) if residual is not None else None} "
-            f"!= x shape {tuple(x.shape)}")
-    return n
+    return check_rows("layer_norm", x, residual, weight=weight, bias=bias)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -54,13 +63,20 @@ def model_cases(shape: ModelShape) -> list[Case]:
     return [Case("layer_norm", (("M", shape.batch * shape.seq_len), ("N", shape.n_embd)), shape.n_embd, "layer_norm")]
 
 
-def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
-    """Rows off-centre (so centring matters), weight near 1, small bias."""
-    m, n = case["M"], case["N"]
+def leaf_randn(dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Callable[..., torch.Tensor]:
+    """rand(*shape, scale=1.0, shift=0.0): a leaf tensor of randn * scale + shift in `dtype` that
+    requires grad, drawn from `gen` (the inputs of a normalization op's cases)."""
 
     def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
         return (torch.randn(shape, generator=gen, device=device) * scale + shift).to(dtype).requires_grad_()
 
+    return rand
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
+    """Rows off-centre (so centring matters), weight near 1, small bias."""
+    m, n = case["M"], case["N"]
+    rand = leaf_randn(dtype, device, gen)
     args = (rand(m, n, shift=0.5), rand(n, scale=0.1, shift=1.0), rand(n, scale=0.1))
     return Inputs(args, {"eps": 1e-5}, torch.randn(m, n, generator=gen, device=device).to(dtype))
 

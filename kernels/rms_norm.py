@@ -19,8 +19,10 @@ dweight is bitwise reproducible. The backward of a row is
 and dweight the column sums of dy * xhat.
 
 Layout of this file (Liger-Kernel ladder):
-  1. `@triton.jit` kernels (the load of s, with the residual add, is LayerNorm's `load_s_chunk`).
-  2. launchers `rms_norm_fwd` / `rms_norm_bwd`: validate, allocate, pick the tile config, launch.
+  1. `@triton.jit` kernels; the loads of s (with the residual add: `load_s_chunk`, `reload_s_chunk`)
+     and of (dy, s) (`load_dy_s`), and the store of dx (`store_dx`) are LayerNorm's helpers.
+  2. launchers `rms_norm_fwd` / `rms_norm_bwd`: validate, allocate, pick the tile config, launch;
+     the allocation and the checks of gradients and statistics are LayerNorm's launchers' helpers.
   3. torch.library custom ops `tritongpt::rms_norm_fwd` / `tritongpt::rms_norm_bwd` with fake
      implementations and autograd, so torch.compile(fullgraph=True) traces through them.
   4. the public functional `rms_norm`, registered as the `triton` backend of op `rms_norm`.
@@ -35,7 +37,18 @@ import triton.language as tl
 
 from tritongpt.errors import require
 from tritongpt.kernels import checks, norm_configs, registry, rms_norm_configs, rms_norm_spec
-from tritongpt.kernels.layer_norm import as_rows, check_out, load_s_chunk, reduce_partials, unit_stride
+from tritongpt.kernels.layer_norm import (
+    as_rows,
+    check_grads,
+    check_row_stats,
+    load_dy_s,
+    load_s_chunk,
+    outputs,
+    reduce_partials,
+    reload_s_chunk,
+    store_dx,
+    unit_stride,
+)
 
 OP = rms_norm_spec.OP
 
@@ -89,10 +102,7 @@ def _rms_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < N)[None, :]
-            if HAS_RESIDUAL:
-                s = tl.load(S + out_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            else:
-                s = tl.load(X + x_off + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = reload_s_chunk(X, S, x_off, out_off, cols, mask, HAS_RESIDUAL)
             _scale_store_chunk(s, rstd, W, Y + out_off, cols, mask, N, weight_offset, HAS_WEIGHT)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -204,7 +214,7 @@ def _rms_norm_bwd_kernel(
                 dy, xhat, g = _bwd_load_chunk(DY, S, W, rows, stride_dy_row, stride_s_row, cols, mask, rstd, N,
                                               weight_offset, HAS_WEIGHT)
                 c = tl.load(ROW_SUMS + rows, mask=row_mask, other=0.0)
-                _bwd_store_dx(g, xhat, c, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+                store_dx(g, xhat * c[:, None], rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
                 if HAS_WEIGHT:
                     dw_acc += dy * xhat
             if HAS_WEIGHT:
@@ -241,7 +251,7 @@ def _bwd_tile(
         g = dy * _gain(W, cols, N, weight_offset)[None, :]
         dw_acc += dy * xhat
     c = tl.sum(xhat * g, axis=1) / N
-    _bwd_store_dx(g, xhat, c, rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
+    store_dx(g, xhat * c[:, None], rstd, DS, DX, rows, stride_ds_row, N, cols, mask, HAS_DS)
     return dw_acc
 
 
@@ -261,10 +271,7 @@ def _bwd_load_tile(
     """(dy, s, rstd) of rows r0 .. r0 + ROWS, dy and s in their storage dtype, zero where masked."""
     rows = r0 + tl.arange(0, ROWS)
     row_mask = rows < row_end
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0)
-    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0)
+    dy, s = load_dy_s(DY, S, rows, stride_dy_row, stride_s_row, cols, row_mask[:, None] & col_mask[None, :])
     rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
     return dy, s, rstd
 
@@ -285,36 +292,13 @@ def _bwd_load_chunk(
     HAS_WEIGHT: tl.constexpr,  # g = dy * (w + weight_offset), else g = dy
 ):
     """(dy, xhat, g) for one chunk of rows, fp32, all zero where masked."""
-    rows64 = rows.to(tl.int64)[:, None]
-    dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + rows64 * stride_s_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xhat = s * rstd[:, None]
+    dy, s = load_dy_s(DY, S, rows, stride_dy_row, stride_s_row, cols, mask)
+    dy = dy.to(tl.float32)
+    xhat = s.to(tl.float32) * rstd[:, None]
     g = dy
     if HAS_WEIGHT:
         g = dy * _gain(W, cols, N, weight_offset)[None, :]
     return dy, xhat, g
-
-
-@triton.jit
-def _bwd_store_dx(
-    g,  # fp32 (ROWS, BLOCK_N) dy * (w + weight_offset)
-    xhat,  # fp32 (ROWS, BLOCK_N) s * rstd
-    c,  # fp32 (ROWS,) row mean of xhat * g
-    rstd,  # fp32 (ROWS,) row 1/rms
-    DS,  # gradient of the S output (read only if HAS_DS)
-    DX,  # (M, N) contiguous output
-    rows,  # (ROWS,) row indices
-    stride_ds_row,  # elements between rows of DS
-    N,  # row length (DX's row stride)
-    cols,  # (BLOCK_N,) column indices of this chunk
-    mask,  # (ROWS, BLOCK_N) valid elements
-    HAS_DS: tl.constexpr,  # add the gradient that reached the S output
-):
-    dx = (g - xhat * c[:, None]) * rstd[:, None]
-    rows64 = rows.to(tl.int64)[:, None]
-    if HAS_DS:
-        dx += tl.load(DS + rows64 * stride_ds_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,14 +321,8 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.T
     require(eps > 0, f"{OP}: eps must be > 0, got {eps}")
     x2 = as_rows(x, n)
     m = x2.shape[0]
-    s_shape = x.shape if residual is not None else (0,)
-    if out is None:
-        y, s, rstd = x.new_empty(x.shape), x.new_empty(s_shape), x.new_empty((m,), dtype=torch.float32)
-    else:
-        y, s, rstd = out
-        for name, t, shape, dtype in (("y", y, x.shape, x.dtype), ("s", s, s_shape, x.dtype),
-                                      ("rstd", rstd, (m,), torch.float32)):
-            check_out(OP, name, t, shape, x, dtype)
+    y, s, rstd = outputs(OP, x, out, ("y", x.shape, x.dtype),
+                         ("s", x.shape if residual is not None else (0,), x.dtype), ("rstd", (m,), torch.float32))
     if m == 0:
         return y, s, rstd
     r2 = as_rows(residual, n) if residual is not None else None
@@ -365,23 +343,13 @@ def rms_norm_bwd(dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, wei
     weight is None. dx is also the residual's gradient. Reductions over rows are deterministic
     (fixed per-program groups, fixed order)."""
     n = _check_inputs(s, weight, None)
-    checks.same_kind(OP, "s", s, dy=dy, ds=ds)
-    checks.triton_device(OP, dy=dy, ds=ds)
-    for name, t in (("dy", dy), ("ds", ds)):
-        require(t is None or t.shape == s.shape,
-                f"{OP}: {name} shape {tuple(t.shape) if t is not None else None} != input shape {tuple(s.shape)}")
+    check_grads(OP, s, dy, ds)
     s2, dy2 = as_rows(s, n), as_rows(dy, n)
     m = s2.shape[0]
-    require(rstd.shape == (m,) and rstd.dtype == torch.float32 and rstd.device == s.device,
-            f"{OP}: rstd must be fp32 ({m},) on {s.device}, got {tuple(rstd.shape)} {rstd.dtype}")
+    check_row_stats(OP, m, s, rstd=rstd)
     has_dw = weight is not None
     dw_shape, dw_dtype = ((n,), weight.dtype) if has_dw else ((0,), s.dtype)
-    if out is None:
-        dx, dw = s.new_empty(s.shape), s.new_empty(dw_shape, dtype=dw_dtype)
-    else:
-        dx, dw = out
-        for name, t, shape, dtype in (("dx", dx, s.shape, s.dtype), ("dweight", dw, dw_shape, dw_dtype)):
-            check_out(OP, name, t, shape, s, dtype)
+    dx, dw = outputs(OP, s, out, ("dx", s.shape, s.dtype), ("dweight", dw_shape, dw_dtype))
     if m == 0:
         dw.zero_()
         return dx, dw

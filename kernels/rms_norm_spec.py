@@ -6,7 +6,8 @@ the spec that drives tests, benchmarks and `tritongpt verify`. Liger's kernel is
 
 Llama's RMSNorm (no centring, no bias), where s = x, or s = x + residual: with `residual` the op
 returns (y, s), the pre-norm block's fused residual add, else y. `weight_offset=1.0` is Gemma's
-form, whose weight stores the gain minus one.
+form, whose weight stores the gain minus one. The input checks and the random inputs are
+LayerNorm's (`layer_norm_spec.check_rows`, `leaf_randn`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tritongpt.errors import require
-from tritongpt.kernels import checks, registry
+from tritongpt.kernels import registry
+from tritongpt.kernels.layer_norm_spec import check_rows, leaf_randn
 from tritongpt.kernels.spec import Case, Inputs, ModelShape, OpSpec
 
 OP = "rms_norm"
@@ -23,16 +24,7 @@ OP = "rms_norm"
 
 def check(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None) -> int:
     """Checks RMSNorm inputs; returns N, the normalized (last) dim."""
-    require(x.dim() >= 1 and x.shape[-1] >= 1, f"{OP}: x must have a last dim >= 1, got {checks.describe(x)}")
-    checks.same_kind(OP, "x", x, weight=weight, residual=residual)
-    n = x.shape[-1]
-    require(weight is None or tuple(weight.shape) == (n,),
-            f"{OP}: weight must have shape ({n},) to match x's last dim, "
-            f"got {tuple(weight.shape) if weight is not None else None}")
-    require(residual is None or residual.shape == x.shape,
-            f"{OP}: residual shape {tuple(residual.shape) if residual is not None else None} "
-            f"!= x shape {tuple(x.shape)}")
-    return n
+    return check_rows(OP, x, residual, weight=weight)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
@@ -60,10 +52,7 @@ def model_cases(shape: ModelShape) -> list[Case]:
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Inputs:
     """Rows off-centre (RMS is not the standard deviation), weight near 1."""
     m, n = case["M"], case["N"]
-
-    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return (torch.randn(shape, generator=gen, device=device) * scale + shift).to(dtype).requires_grad_()
-
+    rand = leaf_randn(dtype, device, gen)
     args = (rand(m, n, shift=0.5), rand(n, scale=0.1, shift=1.0))
     return Inputs(args, {"eps": 1e-6}, torch.randn(m, n, generator=gen, device=device).to(dtype))
 
