@@ -86,6 +86,35 @@ def _dlogits_tile(
 
 
 @triton.jit
+def _add_dot_rows(
+    OUT,  # (rows of OUT, C) contiguous fp32 accumulator
+    out_rows,  # (BLOCK_R,) int64 rows of OUT this program updates
+    out_mask,  # (BLOCK_R,) out_rows that exist
+    SRC,  # (rows of SRC, C) operand, row stride stride_src, unit column stride
+    src_rows,  # (BLOCK_S,) int64 rows of SRC the tile reads
+    src_mask,  # (BLOCK_S,) src_rows that exist
+    stride_src,  # elements between rows of SRC
+    g,  # (BLOCK_R, BLOCK_S) gradient tile in SRC's dtype
+    scale,  # fp32 factor applied after the dot
+    accumulate,  # False on the first step: OUT was not written yet, so it is not read
+    C,  # width
+    BLOCK_C: tl.constexpr,  # columns of OUT updated per dot
+    INPUT_PRECISION: tl.constexpr,  # fp32 operands: "tf32" or "ieee"
+):
+    """OUT[out_rows] (+)= (g @ SRC[src_rows]) * scale, BLOCK_C columns at a time."""
+    for c in range(0, tl.cdiv(C, BLOCK_C)):
+        cc = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cc < C
+        src = tl.load(SRC + src_rows[:, None] * stride_src + cc[None, :],
+                      mask=src_mask[:, None] & c_mask[None, :], other=0.0)
+        update = tl.dot(g, src, input_precision=INPUT_PRECISION) * scale
+        out_ptrs = OUT + out_rows[:, None] * C + cc[None, :]
+        out_tile_mask = out_mask[:, None] & c_mask[None, :]
+        update += tl.load(out_ptrs, mask=out_tile_mask & accumulate, other=0.0)
+        tl.store(out_ptrs, update, mask=out_tile_mask)
+
+
+@triton.jit
 def _lce_fwd_kernel(
     X,  # (N, C) input rows, row stride stride_x, unit column stride
     W,  # (V_padded, C) weight, row stride stride_w, unit column stride
@@ -165,17 +194,9 @@ def _lce_bwd_dx_kernel(
                          BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
         dz = _dlogits_tile(z, lse, targets, valid, cols, col_mask, label_smoothing, smooth_share)
         dz = dz.to(W.dtype.element_ty)
-        for c in range(0, tl.cdiv(C, BLOCK_C)):
-            cc = c * BLOCK_C + tl.arange(0, BLOCK_C)
-            c_mask = cc < C
-            w = tl.load(W + cols[:, None] * stride_w + cc[None, :], mask=col_mask[:, None] & c_mask[None, :],
-                        other=0.0)
-            update = tl.dot(dz, w, input_precision=INPUT_PRECISION) * scale
-            dx_ptrs = DX + rows[:, None] * C + cc[None, :]
-            dx_mask = row_mask[:, None] & c_mask[None, :]
-            # the first vocabulary tile starts the sum: DX is never read before this program wrote it
-            update += tl.load(dx_ptrs, mask=dx_mask & (v > 0), other=0.0)
-            tl.store(dx_ptrs, update, mask=dx_mask)
+        # the first vocabulary tile starts the sum: DX is never read before this program wrote it
+        _add_dot_rows(DX, rows, row_mask, W, cols, col_mask, stride_w, dz, scale, v > 0, C, BLOCK_C,
+                      INPUT_PRECISION)
 
 
 @triton.jit
@@ -213,17 +234,9 @@ def _lce_bwd_dw_kernel(
                          BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
         dz_t = tl.trans(_dlogits_tile(z, lse, targets, valid, cols, col_mask, label_smoothing,
                                       smooth_share).to(X.dtype.element_ty))  # (BLOCK_V, BLOCK_M)
-        for c in range(0, tl.cdiv(C, BLOCK_C)):
-            cc = c * BLOCK_C + tl.arange(0, BLOCK_C)
-            c_mask = cc < C
-            x = tl.load(X + rows[:, None] * stride_x + cc[None, :], mask=row_mask[:, None] & c_mask[None, :],
-                        other=0.0)
-            update = tl.dot(dz_t, x, input_precision=INPUT_PRECISION) * scale
-            dw_ptrs = DW + cols[:, None] * C + cc[None, :]
-            dw_mask = col_mask[:, None] & c_mask[None, :]
-            # the first row block starts the sum: DW is never read before this program wrote it
-            update += tl.load(dw_ptrs, mask=dw_mask & (m > 0), other=0.0)
-            tl.store(dw_ptrs, update, mask=dw_mask)
+        # the first row block starts the sum: DW is never read before this program wrote it
+        _add_dot_rows(DW, cols, col_mask, X, rows, row_mask, stride_x, dz_t, scale, m > 0, C, BLOCK_C,
+                      INPUT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------
